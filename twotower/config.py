@@ -61,6 +61,9 @@ class PrepareConfig:
     """L: items of history kept per training example and per user in Redis."""
     schema_version: int = 1
     """Bumped when the prepared Parquet layout changes."""
+    rows_per_file: int = 2_000_000
+    """Most rows per Parquet file of train/ and eval/ (more rows: more files, split by user);
+    every other prepared table is always one file."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ class ModelConfig:
     """History pooling: ``mean`` or ``decay`` (exponential in position, most recent weighted most)."""
     dropout: float = 0.1
     """Dropout inside the MLPs during training."""
+    decay_half_life: float = 10.0
+    """``decay`` pooling: an item's weight halves every this many items back from the most recent."""
+    init_std: float = 0.1
+    """Standard deviation of the normal init of the ID and attribute embedding tables."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,23 @@ class TrainConfig:
     seed: int = 42
     """Seed for parameter init and batch order; same seed and data give the same model."""
     threads: int = 0
-    """torch intra-op threads; 0 keeps torch's default (all cores)."""
+    """torch intra-op threads for training; 0 = every core the process may use. Set
+    explicitly during the run: bitwise-identical weights need the same seed, data and threads."""
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (linear warm-up, then cosine decay to 0 at the last step)."""
+    warmup_frac: float = 0.0
+    """``cosine``: fraction of all optimiser steps spent warming the learning rate up."""
+    logq_source: str = "counts"
+    """Where p_i for logQ comes from: ``counts`` (the prepared item frequencies) or
+    ``streaming`` (Yi et al.'s hashed estimator, updated batch by batch)."""
+    logq_weight: float = 1.0
+    """Multiplier of log p_i in the correction (1 = the paper's correction)."""
+    user_id_dropout: float = 0.0
+    """Fraction of training examples whose user ID is replaced by row 0 (out-of-vocabulary),
+    so that row 0 learns a cold-start user and the model leans on attributes and history."""
+    extra_negatives: int = 0
+    """Items drawn uniformly from the corpus per step as extra negatives beside the in-batch
+    ones (mixed negative sampling); logQ then uses each candidate's expected draws per step."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,8 @@ class IndexConfig:
     """``auto`` (GPU when faiss sees one), ``yes`` or ``no``."""
     seed: int = 1234
     """Seed for k-means training and query sampling."""
+    threads: int = 0
+    """OpenMP threads Faiss uses on the CPU while building; 0 keeps Faiss's default (all cores)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,14 @@ class RedisConfig:
     """Versions kept in Redis: current plus previous (rollback). Older ones are deleted."""
     batch_size: int = 2000
     """Keys per pipelined round trip when publishing."""
+    password: str = ""
+    """Password when the URL carries none (from the environment only, TT_REDIS_PASSWORD; never logged)."""
+    socket_timeout_s: float = 10.0
+    """Socket connect and read timeout of every Redis call, seconds."""
+    retries: int = 5
+    """Retries of a Redis call after a connection error or timeout, with exponential backoff."""
+    ssl_ca_certs: str = ""
+    """CA bundle for ``rediss://`` when the server's certificate is not in the system store."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +188,19 @@ class KafkaConfig:
     """SASL user (from the environment only)."""
     sasl_password: str = ""
     """SASL password (from the environment only; never logged)."""
+    ssl_cafile: str = ""
+    """CA bundle for SSL / SASL_SSL when the broker's certificate is not in the system store."""
+    ssl_certfile: str = ""
+    """Client certificate (PEM) for mutual TLS; empty = none."""
+    ssl_keyfile: str = ""
+    """Private key (PEM) of ``ssl_certfile``."""
+    session_timeout_ms: int = 10_000
+    """Consumer-group session timeout; a consumer killed without leaving is replaced after it.
+    Joining a group takes about this long on the local broker, so tests set it low."""
+    request_timeout_ms: int = 30_000
+    """Timeout of one Kafka request (metadata, fetch, produce, commit)."""
+    archiver_group_id: str = "tt-archiver"
+    """Consumer group of the archiver (lands the topic as raw Parquet)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +213,27 @@ class IncrementalConfig:
     """Adagrad learning rate for those steps."""
     min_events_new_user: int = 1
     """A user unknown to the current version gets a row after this many events."""
+    history_retention_s: int = 2 * 86400
+    """History events this recent (before the end of the last applied hour) are kept even beyond
+    the newest L, so a new version replaying the hours since its cutoff reads exact histories."""
+    snapshot_retention_s: int = 7 * 86400
+    """How long per-partition position snapshots are kept for seeding a new version's replay."""
+    idle_partition_s: int = 300
+    """Continuous mode: a partition caught up this long stops holding the watermark back (0 = never).
+    Bounded mode never does this, so its results are exactly reproducible."""
+    checkpoint_interval_s: float = 10.0
+    """Continuous mode: positions are stored at least this often even when no hour closes."""
+    logit_budget: int = 16_000_000
+    """Largest users x items logit matrix of one update chunk (floats); bounds memory on big corpora."""
+    max_event_bytes: int = 64 * 1024
+    """Messages larger than this are dead-lettered (payload_too_large)."""
+    max_event_ahead_s: int = 3600
+    """An event's ts may be at most this far after its Kafka record timestamp (producer clock skew)."""
+    poll_max_records: int = 5000
+    """Records per consumer poll."""
+    threads: int = 1
+    """torch threads of the update. Fixed (not "all cores") because a different thread count may
+    sum floats in a different order, and a restart on another machine must compute the same rows."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +253,81 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class AirflowConfig:
+    home: str = ""
+    """AIRFLOW_HOME; empty = ``<state_dir>/airflow`` (config, SQLite DB, task logs; ignored by git)."""
+    dags_folder: Path = PROJECT_ROOT / "dags"
+    """Folder the scheduler and dag-processor read DAG files from."""
+    db_url: str = ""
+    """SQLAlchemy URL of the Airflow metadata DB; empty = SQLite in ``home``. The local PostgreSQL:
+    ``postgresql+psycopg2://USER:PASS@127.0.0.1:5432/airflow`` (needs the psycopg2 driver)."""
+    executor: str = "LocalExecutor"
+    """Airflow executor; LocalExecutor works with SQLite. Production: CeleryExecutor or KubernetesExecutor."""
+    parallelism: int = 4
+    """Task instances running at once (LocalExecutor worker processes); Airflow's 32 swamps a laptop."""
+    api_host: str = "127.0.0.1"
+    """Address the Airflow UI/API server binds to (localhost only by default)."""
+    api_port: int = 8080
+    """Port of the Airflow UI/API server (also the tasks' execution API)."""
+    retries: int = 2
+    """Retries of each task after a failure (the quality gate and index validation never retry)."""
+    retry_delay_s: int = 300
+    """Seconds between retries."""
+    task_timeout_s: int = 4 * 3600
+    """execution_timeout of each nightly task (prepare, train, evaluate, index, publish)."""
+    raw_wait_timeout_s: int = 6 * 3600
+    """How long the nightly DAG waits for the day's raw partition before failing."""
+    raw_poke_interval_s: int = 300
+    """Seconds between checks for the day's raw partition (reschedule mode frees the slot in between)."""
+    gpu_pool: str = "gpu"
+    """Pool of the index task; ``make airflow`` creates it with ``gpu_pool_slots`` slots."""
+    gpu_pool_slots: int = 1
+    """Index builds allowed at once (one per GPU)."""
+    gpu_queue: str = "default"
+    """Executor queue of the index task; ``gpu`` where GPU workers listen on it (Celery)."""
+    hourly_timeout_s: int = 50 * 60
+    """execution_timeout of the hourly consumer run; it must finish before the next hour starts."""
+    lag_threshold: int = 100_000
+    """Consumer lag (records behind the log end, all partitions) after an hourly run that fails the run."""
+    backfill_day_timeout_s: int = 6 * 3600
+    """Wall-clock limit of one backfilled day (one ``airflow dags test`` subprocess)."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    host: str = "127.0.0.1"
+    """Address the serving API and ops dashboard bind to (localhost only by default)."""
+    port: int = 8000
+    """Port of the serving API and ops dashboard."""
+    default_k: int = 10
+    """Candidates returned by /recall when the request names no ``k``."""
+    max_k: int = 1000
+    """Largest ``k`` a /recall request may ask for; larger gets HTTP 422."""
+    max_user_id_len: int = 256
+    """Longest user id (characters) /recall accepts; longer gets HTTP 422."""
+    incremental_stale_s: int = 2 * 3600
+    """The hourly path is flagged stale when its last publish is older than this (seconds)."""
+    model_stale_s: int = 36 * 3600
+    """The model version is flagged stale when it was trained longer ago than this (seconds)."""
+    watermark_stale_s: int = 2 * 3600
+    """The event-time watermark is flagged stale when it lags wall-clock time by more than this."""
+    history_hours: int = 48
+    """Hours of per-hour counters and freshness samples the dashboard charts."""
+    sample_interval_s: int = 60
+    """Least seconds between two freshness samples the server appends to the Redis history."""
+    pointer_check_s: float = 1.0
+    """Least seconds between two reads of the version pointer by the request path."""
+    compute_threads: int = 1
+    """torch and Faiss threads per request (``make serve`` only): requests already run in
+    parallel, so more threads per request only oversubscribe the cores."""
+    redis_timeout_s: float = 1.0
+    """Socket timeout of the server's Redis calls: a request fails fast (HTTP 503) rather than
+    queueing behind a Redis that does not answer."""
+    redis_retries: int = 1
+    """Retries of a failed Redis call on the request path (the jobs retry more)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -198,6 +340,8 @@ class Settings:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    airflow: AirflowConfig = field(default_factory=AirflowConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def replace(self, section: str, **changes: Any) -> "Settings":
         """A copy with some fields of one section changed, e.g. ``s.replace("train", epochs=1)``."""

@@ -1,0 +1,1 @@
+"""Local infrastructure for the embedded single-machine setup (Kafka-protocol broker, topics)."""

@@ -1,0 +1,243 @@
+"""Land the interactions topic as raw Parquet, so the nightly batch trains on what the stream saw.
+
+    python -m streaming.archiver --mode bounded      # up to the log end seen at start, then exit
+    python -m streaming.archiver --mode continuous   # until SIGTERM
+
+Every valid event (streaming.events; invalid ones are the consumer's dead letters) is written
+to ``raw/dt=YYYY-MM-DD/part-hHH.parquet`` (RAW_EVENT_SCHEMA, ``hour`` column = HH): one file per
+UTC hour of event time. Late events land in their own hour's file, whenever they arrive.
+
+Exactly-once in effect, by deduplication: a flush reads the event ids already in the day
+(every file of ``dt=D``, including ones the batch ingest wrote), keeps only new events, merges
+them into the hour's file and replaces that file atomically (write to a temporary name, then
+rename). Offsets are committed only after the flush, so a crash re-reads events that the next
+flush finds already landed. Readers see each hour file either before or after a flush, never
+half of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streaming.events import Event, Limits, Rejection, parse_event
+from twotower.config import Settings, load_settings
+from twotower.contracts import RAW_EVENT_SCHEMA, day_of_ms, raw_partition
+
+log = logging.getLogger("streaming.archiver")
+
+FLUSH_EVERY_S = 60.0
+FLUSH_EVERY_EVENTS = 200_000
+
+
+@dataclass
+class ArchiveReport:
+    status: str = "ok"
+    records_read: int = 0
+    invalid: int = 0
+    events_written: int = 0
+    duplicates_skipped: int = 0
+    files_written: int = 0
+    flushes: int = 0
+    seconds: float = 0.0
+    days: list[str] = field(default_factory=list)
+
+
+def hour_file(raw_dir: Path, day: dt.date, hour: int) -> Path:
+    return raw_partition(raw_dir, day) / f"part-h{hour:02d}.parquet"
+
+
+def events_table(events: list[Event]) -> pa.Table:
+    """Events -> RAW_EVENT_SCHEMA table (pure)."""
+    ts = np.array([e.ts for e in events], dtype=np.int64)
+    return pa.table(
+        {
+            "event_id": [e.event_id for e in events],
+            "user_id": [e.user_id for e in events],
+            "item_id": [e.item_id for e in events],
+            "event_type": [e.event_type for e in events],
+            "ts": pa.array(ts, pa.int64()),
+            "weight": pa.array([e.weight for e in events], pa.float32()),
+            "hour": pa.array(((ts // 3_600_000) % 24).astype(np.int32), pa.int32()),
+        },
+        schema=RAW_EVENT_SCHEMA,
+    )
+
+
+def existing_event_ids(day_dir: Path) -> set[str]:
+    """Event ids already landed in a day partition (every Parquet file in it)."""
+    ids: set[str] = set()
+    if day_dir.is_dir():
+        for f in sorted(day_dir.glob("*.parquet")):
+            ids.update(pq.read_table(f, columns=["event_id"])["event_id"].to_pylist())
+    return ids
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def land_events(raw_dir: Path, events: list[Event]) -> dict[str, int]:
+    """Merge events into their day/hour files, skipping event ids already in the day.
+
+    Returns counts: ``written``, ``duplicates``, ``files``, plus the days touched under ``days``
+    (as a count; the caller logs them).
+    """
+    by_day: dict[dt.date, list[Event]] = {}
+    for e in events:
+        by_day.setdefault(day_of_ms(e.ts), []).append(e)
+    written = dupes = files = 0
+    for day, day_events in sorted(by_day.items()):
+        day_dir = raw_partition(raw_dir, day)
+        day_dir.mkdir(parents=True, exist_ok=True)
+        have = existing_event_ids(day_dir)
+        fresh: dict[str, Event] = {}
+        for e in day_events:
+            if e.event_id in have or e.event_id in fresh:
+                dupes += 1
+            else:
+                fresh[e.event_id] = e
+        by_hour: dict[int, list[Event]] = {}
+        for e in fresh.values():
+            by_hour.setdefault((e.ts // 3_600_000) % 24, []).append(e)
+        for hour, hour_events in sorted(by_hour.items()):
+            path = hour_file(raw_dir, day, hour)
+            table = events_table(hour_events)
+            if path.exists():
+                table = pa.concat_tables([pq.read_table(path).cast(RAW_EVENT_SCHEMA), table])
+            _atomic_write(table.sort_by([("ts", "ascending"), ("event_id", "ascending")]), path)
+            files += 1
+            written += len(hour_events)
+    return {"written": written, "duplicates": dupes, "files": files}
+
+
+class Archiver:
+    """Consume the topic (its own consumer group) and land it (clients injected)."""
+
+    def __init__(self, settings: Settings, kafka_consumer, mode: str = "bounded"):
+        self.s = settings
+        self.kc = kafka_consumer
+        self.mode = mode
+        self.limits = Limits(max_bytes=settings.incremental.max_event_bytes, max_ahead_of_record_ms=settings.incremental.max_event_ahead_s * 1000)
+        self.buffer: list[Event] = []
+        self.pending: dict[Any, int] = {}  # TopicPartition -> next offset, committed after a flush
+        self.ends: dict[Any, int] = {}
+        self.stop_requested = False
+        self.report = ArchiveReport()
+        self._days: set[str] = set()
+
+    def request_stop(self, *_: Any) -> None:
+        self.stop_requested = True
+
+    def _flush(self) -> None:
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        if self.buffer:
+            counts = land_events(self.s.paths.raw_dir, self.buffer)
+            self.report.events_written += counts["written"]
+            self.report.duplicates_skipped += counts["duplicates"]
+            self.report.files_written += counts["files"]
+            self._days.update(day_of_ms(e.ts).isoformat() for e in self.buffer)
+            log.info("landed %d new events (%d already there) in %d hour files", counts["written"], counts["duplicates"], counts["files"])
+            self.buffer = []
+        if self.pending:
+            try:
+                self.kc.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self.pending.items()})
+                self.pending = {}
+            except KafkaError as exc:  # a rebalance: the events are landed; a re-read is deduplicated
+                log.warning("archiver offset commit failed (%s); those records will be re-read and deduplicated", type(exc).__name__)
+        self.report.flushes += 1
+
+    def run(self, max_seconds: float | None = None) -> ArchiveReport:
+        t0 = time.monotonic()
+        self.kc.subscribe([self.s.kafka.topic])
+        last_flush = time.monotonic()
+        join_deadline = t0 + max(30.0, 4 * self.s.kafka.session_timeout_ms / 1000)
+        while not self.stop_requested:
+            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+                self.report.status = "time_limit"
+                break
+            batch = self.kc.poll(timeout_ms=500, max_records=self.s.incremental.poll_max_records)
+            for tp in self.kc.assignment():
+                if tp not in self.ends:
+                    hw = self.kc.highwater(tp)
+                    if hw is not None:
+                        self.ends[tp] = max(int(hw), self.kc.end_offsets([tp])[tp])
+            for tp, records in batch.items():
+                for r in records:
+                    if self.mode == "bounded" and tp in self.ends and r.offset >= self.ends[tp]:
+                        self.kc.pause(tp)
+                        break
+                    self.report.records_read += 1
+                    parsed = parse_event(r.value, r.key, r.timestamp, self.limits)
+                    if isinstance(parsed, Rejection):
+                        self.report.invalid += 1
+                    else:
+                        self.buffer.append(parsed)
+                    self.pending[tp] = r.offset + 1
+            if len(self.buffer) >= FLUSH_EVERY_EVENTS or time.monotonic() - last_flush >= FLUSH_EVERY_S:
+                self._flush()
+                last_flush = time.monotonic()
+            if self.mode == "bounded":
+                assigned = self.kc.assignment()
+                if assigned and all(tp in self.ends and self.kc.position(tp) >= self.ends[tp] for tp in assigned):
+                    break
+                if not assigned and time.monotonic() > join_deadline:
+                    self.report.status = "no_partitions"
+                    break
+        self._flush()
+        self.report.days = sorted(self._days)
+        self.report.seconds = round(time.monotonic() - t0, 3)
+        log.info(
+            "archiver %s run done: %d records read, %d events landed, %d duplicates skipped, %d invalid, days %s, %.1fs",
+            self.mode, self.report.records_read, self.report.events_written, self.report.duplicates_skipped,
+            self.report.invalid, ", ".join(self.report.days) or "-", self.report.seconds,
+        )
+        return self.report
+
+
+def run_archiver(settings: Settings, mode: str = "bounded", max_seconds: float | None = None, handle_signals: bool = False) -> dict[str, Any]:
+    """Run the archiver with a consumer from the factory; returns the report dict."""
+    from streaming.clients import make_consumer
+
+    consumer = make_consumer(settings.kafka, group_id=settings.kafka.archiver_group_id)
+    archiver = Archiver(settings, consumer, mode)
+    if handle_signals:
+        signal.signal(signal.SIGTERM, archiver.request_stop)
+        signal.signal(signal.SIGINT, archiver.request_stop)
+    try:
+        return asdict(archiver.run(max_seconds=max_seconds))
+    finally:
+        consumer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streaming.archiver", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["bounded", "continuous"], default="bounded")
+    parser.add_argument("--max-seconds", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    report = run_archiver(load_settings(), args.mode, args.max_seconds, handle_signals=True)
+    print(report)
+    return 0 if report["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Parse and validate one Kafka interaction message (DESIGN §3). Pure: bytes in, Event or Rejection out.
+
+The contract: a JSON object with ``event_id``, ``user_id``, ``item_id``, ``event_type`` (strings),
+``ts`` (int epoch milliseconds) and optional ``weight`` (number, default 1.0); other fields are
+ignored. The Kafka key must be the user id (the topic is partitioned by user, which keeps a
+user's row on one consumer).
+
+Every failure has a stable machine-readable code (``REASONS``) plus a human message naming
+the field and value. Decisions worth knowing:
+
+* ids are JSON strings, never numbers (``wrong_type``): silently coercing ``7`` and ``"7"``
+  into one user hides producer bugs. Control characters are refused in ids because a tab
+  separates event id and item id inside the Redis history members; so are surrounding blanks
+  and lone UTF-16 surrogates (they cannot be encoded into a Redis key).
+* ``ts`` must be an integer number of milliseconds. Anything before 1990-01-01 is refused
+  (``ts_out_of_range``; an epoch-seconds value, today about 1.7e9, reads as January 1970 in
+  milliseconds and lands here, and the message says so), as is anything from 2100 on. 1990,
+  not 2000: the bundled MovieLens-100K data is from 1997-98 and must stream. "Far future" is judged against the Kafka record's own timestamp (the
+  producer's send time, or the broker's append time), not the wall clock: an event cannot
+  happen more than ``max_ahead_of_record_ms`` after it was sent. That reference is stored in
+  the log, so a replay after a crash judges every record exactly as the first pass did.
+  Old events are not refused here: whether an event is too late for its hour is the
+  window logic's call (streaming.windows), and it is counted there, not dead-lettered.
+* ``event_type`` is free text (new producers add types without a deploy) but must be a short
+  identifier: 1-64 characters of letters, digits, ``_ . : -``.
+* ``weight`` must be a finite number in [0, ``max_weight``]; 0 is allowed (an impression
+  that should enter the history without pulling the row).
+* duplicate JSON keys are refused: which of two ``user_id`` values a parser keeps is
+  undefined across languages.
+* an item the current model version does not know is valid (the archiver lands it and the
+  next nightly run learns it); ``check_item_known`` reports it with the ``unknown_item`` code so
+  the consumer can leave it out of the gradient step and count it, without dead-lettering it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+MIN_TS_MS = 631_152_000_000  # 1990-01-01T00:00:00Z
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+SECONDS_LIKE_MAX = 100_000_000_000  # below 1e11 a timestamp is almost surely in seconds
+DEFAULT_EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+ID_FIELDS = ("event_id", "user_id", "item_id")
+REQUIRED = ("event_id", "user_id", "item_id", "event_type", "ts")
+
+REASONS: dict[str, str] = {
+    "empty_payload": "the message has no value",
+    "payload_too_large": "the value is larger than the configured limit",
+    "not_utf8": "the value is not UTF-8 text",
+    "not_json": "the value is not JSON",
+    "not_object": "the JSON value is not an object",
+    "duplicate_field": "a field appears twice in the object",
+    "missing_field": "a required field is absent or null",
+    "wrong_type": "a field has the wrong JSON type",
+    "empty_id": "an id is an empty or blank string",
+    "id_too_long": "an id is longer than the limit",
+    "id_bad_characters": "an id contains control characters or surrounding blanks",
+    "bad_ts": "ts is not an integer number of milliseconds",
+    "ts_out_of_range": "ts is before 1990-01-01 or from 2100 on",
+    "ts_after_send_time": "ts is later than the Kafka record's timestamp allows",
+    "bad_weight": "weight is negative, not finite or too large",
+    "bad_event_type": "event_type is not a short identifier",
+    "missing_key": "the Kafka message has no key (the topic is keyed by user_id)",
+    "key_mismatch": "the Kafka key differs from user_id",
+    "unknown_item": "the item is not in the current model version's vocabulary",
+}
+"""Every rejection code and what it means (stable: dashboards and the DLQ headers use them)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Validation limits (defaults suit the local setup; the consumer passes its config)."""
+
+    max_bytes: int = 64 * 1024
+    """Largest accepted message value, bytes."""
+    max_id_len: int = 256
+    """Longest accepted id, characters (the same bound as the batch ingest)."""
+    max_ahead_of_record_ms: int = 3_600_000
+    """How far ``ts`` may be ahead of the Kafka record timestamp (producer clock skew), ms."""
+    max_weight: float = 10_000.0
+    """Largest accepted weight."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One valid interaction (the contract's fields, ``weight`` filled in)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: str
+    ts: int
+    """Epoch milliseconds, UTC."""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a message was refused: a code from REASONS and a message for humans."""
+
+    code: str
+    message: str
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _check_id(name: str, value: Any, limits: Limits) -> Rejection | None:
+    if not isinstance(value, str):
+        return Rejection("wrong_type", f"{name} must be a JSON string, got {_json_type(value)} {_short(value)}")
+    if value.strip() == "":
+        return Rejection("empty_id", f"{name} is empty")
+    if len(value) > limits.max_id_len:
+        return Rejection("id_too_long", f"{name} has {len(value)} characters, more than {limits.max_id_len}")
+    if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        # lone surrogates (JSON "\ud800") cannot be encoded into a Redis key: refuse them too
+        return Rejection("id_bad_characters", f"{name} {_short(value)} has control characters or surrounding blanks")
+    return None
+
+
+def _check_ts(value: Any, record_ts_ms: int | None, limits: Limits) -> tuple[int | None, Rejection | None]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, Rejection("bad_ts", f"ts must be an integer of epoch milliseconds, got {_json_type(value)} {_short(value)}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            return None, Rejection("bad_ts", f"ts must be an integer of epoch milliseconds, got {_short(value)}")
+        value = int(value)
+    if value < MIN_TS_MS:
+        hint = " (it looks like epoch seconds; send milliseconds)" if 0 < value < SECONDS_LIKE_MAX else ""
+        return None, Rejection("ts_out_of_range", f"ts {value} is before 1990-01-01{hint}")
+    if value >= MAX_TS_MS:
+        return None, Rejection("ts_out_of_range", f"ts {value} is after 2100-01-01")
+    if record_ts_ms is not None and record_ts_ms >= 0 and value > record_ts_ms + limits.max_ahead_of_record_ms:
+        ahead_s = (value - record_ts_ms) / 1000
+        return None, Rejection("ts_after_send_time", f"ts {value} is {ahead_s:,.0f}s after the record timestamp {record_ts_ms}")
+    return value, None
+
+
+def _check_weight(value: Any, limits: Limits) -> tuple[float | None, Rejection | None]:
+    if value is None:
+        return 1.0, None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, Rejection("bad_weight", f"weight must be a number, got {_json_type(value)} {_short(value)}")
+    weight = float(value)
+    if not math.isfinite(weight) or weight < 0 or weight > limits.max_weight:
+        return None, Rejection("bad_weight", f"weight {_short(value)} is not a finite number in [0, {limits.max_weight:g}]")
+    return weight, None
+
+
+def parse_event(
+    value: bytes | None,
+    key: bytes | None = None,
+    record_ts_ms: int | None = None,
+    limits: Limits = Limits(),
+    require_key: bool = True,
+) -> Event | Rejection:
+    """One Kafka message -> Event, or the first Rejection found.
+
+    ``key`` is the Kafka key (must equal user_id when ``require_key``); ``record_ts_ms`` is the
+    Kafka record timestamp (None or negative: unknown, the send-time check is skipped).
+    """
+    if not value:
+        return Rejection("empty_payload", "the message value is empty")
+    if len(value) > limits.max_bytes:
+        return Rejection("payload_too_large", f"the value has {len(value):,} bytes, more than {limits.max_bytes:,}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection("not_utf8", f"the value is not UTF-8 ({exc.reason} at byte {exc.start})")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as dup:
+        return Rejection("duplicate_field", f"field {dup.key!r} appears more than once")
+    except (ValueError, RecursionError) as exc:
+        return Rejection("not_json", f"the value is not JSON: {str(exc)[:120]}")
+    if not isinstance(obj, dict):
+        return Rejection("not_object", f"the JSON value is {_json_type(obj)}, not an object")
+    for name in REQUIRED:
+        if obj.get(name) is None:
+            return Rejection("missing_field", f"required field {name!r} is missing or null")
+    for name in ID_FIELDS:
+        bad = _check_id(name, obj[name], limits)
+        if bad:
+            return bad
+    event_type = obj["event_type"]
+    if not isinstance(event_type, str):
+        return Rejection("wrong_type", f"event_type must be a JSON string, got {_json_type(event_type)} {_short(event_type)}")
+    if not DEFAULT_EVENT_TYPE_RE.match(event_type):
+        return Rejection("bad_event_type", f"event_type {_short(event_type)} is not 1-64 characters of letters, digits, _ . : -")
+    ts, bad = _check_ts(obj["ts"], record_ts_ms, limits)
+    if bad:
+        return bad
+    weight, bad = _check_weight(obj.get("weight"), limits)
+    if bad:
+        return bad
+    if key is None:
+        if require_key:
+            return Rejection("missing_key", f"the message has no key; produce it with key = user_id {_short(obj['user_id'])}")
+    else:
+        key_text = key.decode("utf-8", errors="replace")
+        if key_text != obj["user_id"]:
+            return Rejection("key_mismatch", f"the Kafka key {_short(key_text)} is not the user_id {_short(obj['user_id'])}")
+    return Event(obj["event_id"], obj["user_id"], obj["item_id"], event_type, int(ts), float(weight))
+
+
+def check_item_known(event: Event, is_known: Callable[[str], bool]) -> Rejection | None:
+    """``unknown_item`` when the current version's item vocabulary lacks the item, else None."""
+    if is_known(event.item_id):
+        return None
+    return Rejection("unknown_item", f"item {_short(event.item_id)} is not in the current model version's vocabulary")
+
+
+def encode_event(event: Event) -> bytes:
+    """The contract's JSON value of an event (what the replayer and tests produce)."""
+    body = {
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "event_type": event.event_type,
+        "ts": event.ts,
+        "weight": event.weight,
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def dead_letter_value(original: bytes | None, rejection: Rejection, source: str) -> bytes:
+    """Value of a dead-letter record: the original payload (text, or base64 when it is not
+    UTF-8), the reason code and message, and where it came from (``topic/partition@offset``)."""
+    import base64
+
+    body: dict[str, Any] = {"reason": rejection.code, "message": rejection.message, "source": source}
+    raw = original or b""
+    try:
+        body["payload"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        body["payload_base64"] = base64.b64encode(raw).decode("ascii")
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def dead_letter_headers(rejection: Rejection, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """Kafka headers of a dead-letter record (reason code first, for routing and dashboards)."""
+    return [
+        ("reason", rejection.code.encode()),
+        ("source_topic", topic.encode()),
+        ("source_partition", str(partition).encode()),
+        ("source_offset", str(offset).encode()),
+    ]

@@ -1,0 +1,173 @@
+"""Apply one closed event-time hour to the user rows of a model version (DESIGN §5 steps 2-4).
+
+    plan_users (pure)  which touched users get a row update, from which starting row
+    apply_hour         read rows + histories -> Adagrad steps (streaming.update) -> atomic writes
+
+Who gets a row this hour (``plan_users``):
+  * a user whose row already records this hour (``w >= hour``) is a replay after a crash: it is
+    recomputed only to keep the batch shapes of the first pass (see streaming.update) and
+    never written;
+  * a user with a row in Redis starts from it; a user of the version's vocabulary without one
+    starts from the model's row;
+  * an unknown user (cold start) starts from the out-of-vocabulary row 0 once they have
+    ``min_events_new_user`` events (history before the hour plus the hour's own); until then
+    only their history grows;
+  * a user whose events are all on items unknown to the version (or carry weight 0) has no
+    positive to learn from: history only.
+
+Every user's history receives the hour's events, admitted or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streaming.events import Event
+from streaming.faults import crash_point
+from streaming.state import StoredRow, StreamState, UserWrite
+from streaming.update import UserTargets, chunk_size, chunks, update_rows, user_targets
+from streaming.version import LoadedVersion
+from streaming.windows import Buffered, events_by_user
+from twotower import redis_keys as rk
+from twotower.config import IncrementalConfig
+
+log = logging.getLogger(__name__)
+
+UPDATE, REPLAYED, HISTORY_ONLY = "update", "replayed", "history_only"
+WRITE_BATCH = 256
+
+
+@dataclass
+class UserPlan:
+    """What the hour does for one user."""
+
+    user_id: str
+    events: list[Event]
+    kind: str
+    targets: UserTargets | None = None
+    start_row: np.ndarray | None = None
+    user_idx: int = 0
+    new_user: bool = False
+    n_known: int = 0
+    """Events on items the version knows (what the row absorbs)."""
+
+
+@dataclass
+class HourResult:
+    """What applying one hour did. Counts are functions of the hour's content (equal after a
+    replay); ``rows_written`` is what this attempt wrote."""
+
+    hour_ms: int
+    users_updated: int = 0
+    events_applied: int = 0
+    unknown_items: int = 0
+    new_users: int = 0
+    history_only: int = 0
+    rows_written: int = 0
+    seconds: float = 0.0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+    per_partition: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+def plan_users(
+    hour_ms: int,
+    by_user: dict[str, list[Event]],
+    rows: dict[str, StoredRow],
+    hists: dict[str, list[str]],
+    version: LoadedVersion,
+    min_events_new_user: int,
+) -> list[UserPlan]:
+    """Classify each touched user (see module docstring). Pure given its inputs."""
+    plans = []
+    for uid, events in by_user.items():
+        idx = [version.item_index.get(e.item_id, 0) for e in events]
+        targets = user_targets(idx, [e.weight for e in events])
+        n_known = sum(1 for i in idx if i > 0)
+        stored = rows.get(uid)
+        user_idx = version.user_index.get(uid, 0)
+        plan = UserPlan(uid, events, HISTORY_ONLY, targets, None, user_idx, False, n_known)
+        if targets is None:
+            plans.append(plan)
+            continue
+        if stored is not None and stored.w >= hour_ms:
+            plan.kind, plan.start_row = REPLAYED, stored.e
+            # new this hour iff an unknown user's row holds exactly this hour's events
+            plan.new_user = user_idx == 0 and stored.n == n_known
+        elif stored is not None:
+            plan.kind, plan.start_row = UPDATE, stored.e
+        elif user_idx > 0:
+            plan.kind, plan.start_row = UPDATE, version.model_row(user_idx)
+        elif len(hists.get(uid, [])) + len(events) >= min_events_new_user:
+            plan.kind, plan.start_row, plan.new_user = UPDATE, version.model_row(0), True
+        plans.append(plan)
+    return plans
+
+
+def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: dict[str, list[str]], cfg: IncrementalConfig) -> dict[str, np.ndarray]:
+    """New rows of every planned user with a row (UPDATE and REPLAYED), in fixed chunks of the
+    sorted user list so each row is computed with the same shapes as in any other attempt."""
+    from models.features import history_tensor
+
+    batch = [p for p in plans if p.kind in (UPDATE, REPLAYED)]
+    out: dict[str, np.ndarray] = {}
+    size = chunk_size(len(version.item_index), cfg.logit_budget)
+    for rng in chunks(len(batch), size):
+        part = [batch[i] for i in rng]
+        rows = np.stack([p.start_row for p in part])
+        attrs = version.attrs_of([p.user_idx for p in part])
+        hist = history_tensor([version.item_idx(hists.get(p.user_id, [])) for p in part], version.history_len)
+        new_rows, _ = update_rows(version.model, version.item_vectors, rows, attrs, hist, [p.targets for p in part], cfg.steps, cfg.lr)
+        for p, row in zip(part, new_rows):
+            out[p.user_id] = row
+    return out
+
+
+def apply_hour(state: StreamState, version: LoadedVersion, hour_ms: int, buffered: list[Buffered], cfg: IncrementalConfig) -> HourResult:
+    """Apply one closed hour: plan, compute and write every touched user (see module docstring)."""
+    t0 = time.perf_counter()
+    by_user = events_by_user(buffered)
+    partition_of = {b.event.user_id: b.partition for b in buffered}
+    uids = list(by_user)
+    rows, hists = state.read_users(version.version, uids, hour_ms, version.history_len)
+    t1 = time.perf_counter()
+    plans = plan_users(hour_ms, by_user, rows, hists, version, cfg.min_events_new_user)
+    new_rows = compute_rows(version, plans, hists, cfg)
+    t2 = time.perf_counter()
+
+    result = HourResult(hour_ms, read_s=t1 - t0, compute_s=t2 - t1)
+    writes = []
+    for plan in plans:
+        counts = result.per_partition.setdefault(partition_of[plan.user_id], {"users": 0, "events": 0, "unknown": 0, "new": 0})
+        unknown = len(plan.events) - plan.n_known
+        counts["unknown"] += unknown
+        result.unknown_items += unknown
+        if plan.kind in (UPDATE, REPLAYED):
+            counts["users"] += 1
+            counts["events"] += plan.n_known
+            counts["new"] += int(plan.new_user)
+            result.users_updated += 1
+            result.events_applied += plan.n_known
+            result.new_users += int(plan.new_user)
+        else:
+            result.history_only += 1
+        row = new_rows[plan.user_id] if plan.kind == UPDATE else None
+        history = [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in plan.events]
+        writes.append(UserWrite(plan.user_id, row, plan.n_known, history))
+
+    retention_ms = cfg.history_retention_s * 1000
+    half = len(writes) // 2
+    for part_no, part in enumerate((writes[:half], writes[half:])):
+        for start in range(0, len(part), WRITE_BATCH):
+            batch = part[start : start + WRITE_BATCH]
+            result.rows_written += state.apply_users(version.version, hour_ms, batch, version.history_len, retention_ms)
+        if part_no == 0 and half:
+            crash_point("mid_rows")
+    result.seconds = time.perf_counter() - t0
+    result.write_s = result.seconds - (t2 - t0)
+    return result

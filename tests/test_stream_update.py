@@ -1,0 +1,178 @@
+"""The hourly update rule and its Redis writes (streaming.update, streaming.hour, streaming.state),
+on the real models.towers model and the real Redis, without Kafka."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streaming.events import Event
+from streaming.hour import apply_hour
+from streaming.state import StreamState, decode_row, encode_row
+from streaming.update import chunk_size, update_rows, user_targets
+from streaming.version import load_version
+from streaming.windows import Buffered
+from tests.kafka_fixtures import BASE_MS, HOUR, publish_tiny, write_tiny_artifact
+from twotower import redis_keys as rk
+
+H0 = BASE_MS
+
+
+@pytest.fixture
+def version(settings, redis_client, tmp_path):
+    tv = write_tiny_artifact(tmp_path / "artifacts", "v1", BASE_MS)
+    publish_tiny(redis_client, settings.redis.prefix, tv)
+    state = StreamState(redis_client, settings.redis.prefix)
+    return load_version(settings, "v1", state.version_meta("v1"))
+
+
+def buffered(events: list[Event]) -> list[Buffered]:
+    return [Buffered(0, i, e, -1, 0, 0) for i, e in enumerate(events)]
+
+
+def ev(i: int, user: str, item: str, ts: int, weight: float = 1.0) -> Event:
+    return Event(f"e{i}", user, item, "click", ts, weight)
+
+
+def test_only_user_rows_move_and_the_positive_gains(version):
+    model = version.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    items_before = version.item_vectors.clone()
+    rows = np.stack([version.model_row(1), version.model_row(2)])
+    attrs = version.attrs_of([1, 2])
+    hist = torch.zeros(2, version.history_len, dtype=torch.long)
+    targets = [user_targets([3, 3, 7], [1.0, 1.0, 2.0]), user_targets([5], [1.0])]
+    new_rows, _ = update_rows(model, version.item_vectors, rows, attrs, hist, targets, steps=5, lr=0.05)
+
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    assert torch.equal(version.item_vectors, items_before)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert np.abs(new_rows - rows).max() > 1e-3
+
+    def score(r, item):
+        with torch.no_grad():
+            u = model.user_vectors_from_rows(torch.from_numpy(r), attrs, hist)
+            return (u @ version.item_vectors.T)[:, item]
+
+    assert score(new_rows, 5)[1] > score(rows, 5)[1]
+    assert score(new_rows, 7)[0] > score(rows, 7)[0]
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows_in_its_chunk(version):
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(4, version.id_dim)).astype(np.float32)
+    other = rows.copy()
+    other[1:] = rng.normal(size=(3, version.id_dim)).astype(np.float32)  # the state after a partial write
+    attrs = version.attrs_of([1, 2, 3, 4])
+    hist = torch.zeros(4, version.history_len, dtype=torch.long)
+    targets = [user_targets([i + 1], [1.0]) for i in range(4)]
+    a, _ = update_rows(version.model, version.item_vectors, rows, attrs, hist, targets, 5, 0.05)
+    b, _ = update_rows(version.model, version.item_vectors, other, attrs, hist, targets, 5, 0.05)
+    assert np.array_equal(a[0], b[0])
+
+
+def test_user_targets_merges_repeats_and_drops_unknown_items():
+    t = user_targets([0, 4, 2, 4], [5.0, 1.0, 2.0, 1.0])
+    assert t.items.tolist() == [2, 4] and np.allclose(t.weights, [0.5, 0.5])
+    assert user_targets([0, 0], [1.0, 1.0]) is None
+    assert user_targets([3], [0.0]) is None
+    assert chunk_size(1000, 16_000_000) == 512 and chunk_size(10_000_000, 16_000_000) == 1
+
+
+def test_apply_hour_writes_rows_once_and_a_replay_changes_nothing(settings, redis_client, version):
+    state = StreamState(redis_client, settings.redis.prefix)
+    events = [ev(1, "u1", "i3", H0 + 60_000), ev(2, "u1", "i4", H0 + 120_000), ev(3, "u2", "i9", H0 + 5 * 60_000),
+              ev(4, "u3", "i99", H0 + 6 * 60_000)]  # u3: an item the version does not know
+    first = apply_hour(state, version, H0, buffered(events), settings.incremental)
+    assert (first.users_updated, first.rows_written, first.events_applied, first.unknown_items, first.history_only) == (2, 2, 3, 1, 1)
+
+    row_key = rk.user_row(settings.redis.prefix, "v1", "u1")
+    stored = redis_client.hgetall(row_key)
+    assert int(stored[b"w"]) == H0 and int(stored[b"n"]) == 2
+    expected, _ = update_rows(version.model, version.item_vectors, np.stack([version.model_row(1), version.model_row(2)]),
+                              version.attrs_of([1, 2]), torch.zeros(2, version.history_len, dtype=torch.long),
+                              [user_targets([3, 4], [1, 1]), user_targets([9], [1])], settings.incremental.steps, settings.incremental.lr)
+    assert np.array_equal(decode_row(stored[b"e"]), expected[0])
+    u3 = redis_client.hgetall(rk.user_row(settings.redis.prefix, "v1", "u3"))
+    assert int(u3[b"w"]) == -1 and np.array_equal(decode_row(u3[b"e"]), version.model_row(3))  # untouched
+    assert redis_client.zrange(rk.user_history(settings.redis.prefix, "u3"), 0, -1) == [b"e4\ti99"]
+
+    snapshot = {k: redis_client.dump(k) for k in redis_client.scan_iter(match=f"{settings.redis.prefix}:*")}
+    again = apply_hour(state, version, H0, buffered(events), settings.incremental)
+    assert again.rows_written == 0
+    assert (again.users_updated, again.events_applied) == (first.users_updated, first.events_applied)
+    after = {k: redis_client.dump(k) for k in redis_client.scan_iter(match=f"{settings.redis.prefix}:*")}
+    assert after == snapshot
+
+
+def test_history_is_read_as_of_the_hour_start(settings, redis_client, version, tmp_path):
+    state = StreamState(redis_client, settings.redis.prefix)
+    hkey = rk.user_history(settings.redis.prefix, "u1")
+    redis_client.zadd(hkey, {rk.history_member("old1", "i5"): H0 - 10 * HOUR, rk.history_member("old2", "i6"): H0 - HOUR})
+    hour = H0 + HOUR
+    events = [ev(1, "u1", "i3", hour + 60_000)]
+    apply_hour(state, version, hour, buffered(events), settings.incremental)
+    clean = redis_client.hget(rk.user_row(settings.redis.prefix, "v1", "u1"), "e")
+
+    # same hour again from the nightly row, but the history already holds a LATER event
+    redis_client.hset(rk.user_row(settings.redis.prefix, "v1", "u1"), mapping={"e": encode_row(version.model_row(1)), "w": -1})
+    redis_client.zadd(hkey, {rk.history_member("future", "i8"): hour + 2 * HOUR})
+    apply_hour(state, version, hour, buffered(events), settings.incremental)
+    assert redis_client.hget(rk.user_row(settings.redis.prefix, "v1", "u1"), "e") == clean
+    rows, hists = state.read_users("v1", ["u1"], hour, version.history_len)
+    assert hists["u1"] == ["i5", "i6"]
+
+
+def test_cold_start_user_is_admitted_after_enough_events_from_the_oov_row(settings, redis_client, version):
+    s = settings.replace("incremental", min_events_new_user=3)
+    state = StreamState(redis_client, s.redis.prefix)
+    new_row = rk.user_row(s.redis.prefix, "v1", "newbie")
+    r1 = apply_hour(state, version, H0, buffered([ev(1, "newbie", "i2", H0 + 1), ev(2, "newbie", "i3", H0 + 2)]), s.incremental)
+    assert r1.users_updated == 0 and r1.history_only == 1
+    assert not redis_client.exists(new_row)
+    assert redis_client.zcard(rk.user_history(s.redis.prefix, "newbie")) == 2
+
+    r2 = apply_hour(state, version, H0 + HOUR, buffered([ev(3, "newbie", "i4", H0 + HOUR + 1)]), s.incremental)
+    assert (r2.users_updated, r2.new_users, r2.rows_written) == (1, 1, 1)
+    stored = redis_client.hgetall(new_row)
+    assert int(stored[b"w"]) == H0 + HOUR and int(stored[b"n"]) == 1
+    hist = torch.tensor([[2, 3] + [0] * (version.history_len - 2)])
+    expected, _ = update_rows(version.model, version.item_vectors, version.model_row(0)[None, :], version.attrs_of([0]), hist,
+                              [user_targets([4], [1.0])], s.incremental.steps, s.incremental.lr)
+    assert np.array_equal(decode_row(stored[b"e"]), expected[0])
+    # a replay of that hour still reports the admission (counts are functions of the content)
+    again = apply_hour(state, version, H0 + HOUR, buffered([ev(3, "newbie", "i4", H0 + HOUR + 1)]), s.incremental)
+    assert (again.users_updated, again.new_users, again.rows_written) == (1, 1, 0)
+
+
+def test_history_trim_keeps_the_newest_and_the_retention_margin(settings, redis_client, version):
+    s = settings.replace("incremental", history_retention_s=3 * 3600)
+    state = StreamState(redis_client, s.redis.prefix)
+    hkey = rk.user_history(s.redis.prefix, "u1")
+    L = version.history_len
+    old = {rk.history_member(f"o{i}", "i1"): H0 - 100 * HOUR + i for i in range(L + 5)}
+    recent = {rk.history_member(f"r{i}", "i2"): H0 - 2 * HOUR + i for i in range(L + 5)}
+    redis_client.zadd(hkey, {**old, **recent})
+    apply_hour(state, version, H0, buffered([ev(1, "u1", "i3", H0 + 1)]), s.incremental)
+    kept = {m.decode() for m in redis_client.zrange(hkey, 0, -1)}
+    assert not any(m.startswith("o") for m in kept)  # older than the margin and beyond the newest L
+    assert sum(m.startswith("r") for m in kept) == L + 5  # within the margin: all kept
+    assert "e1\ti3" in kept
+
+
+def test_adagrad_step_is_torch_adagrad_exactly():
+    from streaming.update import adagrad_step
+
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(5, 8, generator=gen)
+    grads = [torch.randn(5, 8, generator=gen) for _ in range(4)]
+    mine, acc = start.clone(), torch.zeros(5, 8)
+    ref = start.clone().requires_grad_(True)
+    opt = torch.optim.Adagrad([ref], lr=0.05)
+    for g in grads:
+        adagrad_step(mine, g, acc, 0.05)
+        ref.grad = g.clone()
+        opt.step()
+    assert torch.equal(mine, ref.detach())
