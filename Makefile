@@ -9,7 +9,7 @@ OTHER_FAISS := $(if $(filter gpu,$(FAISS)),cpu,gpu)
 STAMP := $(VENV)/.installed-$(FAISS)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv run test test-faults status recall quality bench backfill airflow infra-up infra-down serve clean
+.PHONY: venv browser run test test-faults status recall quality bench backfill airflow infra-up infra-down serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,8 +25,12 @@ venv: $(STAMP)
 run: venv infra-up
 	$(BIN)/python -m twotower.cli run $(if $(DATA),--data "$(DATA)") $(if $(DATE),--date $(DATE))
 
-test: venv infra-up
+test: venv infra-up browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Debian's headless Chromium for the dashboard browser test (installed once, with apt-get).
+browser:
+	@bash infra/install_chromium.sh
 
 status: venv
 	@$(BIN)/python -m twotower.cli status

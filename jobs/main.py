@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,47 @@ def run_main(settings: Settings, data: str | None = None, day: dt.date | None = 
         exact.get("hit@50", float("nan")),
         exact.get("ndcg@10", float("nan")),
     )
+    if result.published and settings.run.replay_days > 0:
+        summary["incremental"] = run_incremental_replay(settings, day)
     return summary
+
+
+def run_incremental_replay(settings: Settings, day: dt.date) -> dict[str, Any]:
+    """Stream the raw days after D's cutoff through Kafka, then apply every closed hour.
+
+    The replay is recorded in Redis so a second ``make run`` does not publish the same events
+    again (the consumer would drop them as duplicates anyway, but the topic would grow).
+    """
+    from jobs.redis_conn import redis_client
+    from streaming.consumer import run_bounded
+    from streaming.replayer import replay
+    from twotower import redis_keys
+    from twotower.contracts import day_start_ms
+
+    start_ms = day_start_ms(day + dt.timedelta(days=1))
+    end_ms = day_start_ms(day + dt.timedelta(days=settings.run.replay_days + 1))
+    marker = redis_keys.incremental(settings.redis.prefix, f"replayed:{settings.kafka.topic}:{start_ms}:{end_ms}")
+    client = redis_client(settings)
+    try:
+        if client.set(marker, str(int(time.time() * 1000)), nx=True):
+            report = replay(settings, start_ms, end_ms, speedup=settings.run.replay_speedup)
+            replayed = report.events
+        else:
+            log.info("the %d days after the cutoff were already replayed into %s; consuming only", settings.run.replay_days, settings.kafka.topic)
+            replayed = 0
+    except BaseException:
+        client.delete(marker)  # a failed replay must be retried by the next run
+        raise
+    finally:
+        client.close()
+    report = run_bounded(settings)
+    log.info(
+        "incremental: %s hours applied, %s events applied, %s dead letters",
+        report.get("hours_applied"),
+        report.get("events_applied"),
+        report.get("dead_letters"),
+    )
+    return {"replayed_events": replayed, "consumer": report}
 
 
 QUALITY_ROWS = ("hit@10", "hit@50", "hit@100", "ndcg@10")

@@ -25,6 +25,7 @@ def get_spark(cfg: SparkConfig, app_name: str = "twotower"):
         .config("spark.driver.memory", cfg.driver_memory)
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")  # progress is logged in words instead
         .config("spark.sql.parquet.compression.codec", "snappy")
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
         .getOrCreate()

@@ -76,13 +76,14 @@ class ModelConfig:
     """Width of the user-ID, item-ID and attribute embedding tables."""
     hidden: int = 256
     """Hidden width of each tower's MLP."""
-    temperature: float = 0.07
-    """tau in score = <u, v> / tau."""
-    pooling: str = "mean"
-    """History pooling: ``mean`` or ``decay`` (exponential in position, most recent weighted most)."""
+    temperature: float = 0.05
+    """tau in score = <u, v> / tau (0.05 beat 0.07 and 0.1 on MovieLens-100K)."""
+    pooling: str = "decay"
+    """History pooling: ``mean``, ``decay`` (exponential in position, most recent weighted most)
+    or ``mean+decay`` (both, concatenated). ``decay`` gave +15% hit@50 over ``mean`` on ML-100K."""
     dropout: float = 0.1
     """Dropout inside the MLPs during training."""
-    decay_half_life: float = 10.0
+    decay_half_life: float = 3.0
     """``decay`` pooling: an item's weight halves every this many items back from the most recent."""
     init_std: float = 0.1
     """Standard deviation of the normal init of the ID and attribute embedding tables."""
@@ -102,9 +103,11 @@ class TrainConfig:
     """Apply the logQ sampling-bias correction (Yi et al., RecSys 2019)."""
     seed: int = 42
     """Seed for parameter init and batch order; same seed and data give the same model."""
-    threads: int = 0
-    """torch intra-op threads for training; 0 = every core the process may use. Set
-    explicitly during the run: bitwise-identical weights need the same seed, data and threads."""
+    threads: int = 1
+    """torch intra-op threads for training; 0 = every core the process may use. Set explicitly
+    for the run: bitwise-identical weights need the same seed, data and threads. 1 by default
+    because OpenMP threads on busy cores spin-wait each other: on 2 shared cores, 2 threads
+    trained at ~600 samples/s against ~10,000 with 1. Raise it on a dedicated host."""
     lr_schedule: str = "constant"
     """``constant`` or ``cosine`` (linear warm-up, then cosine decay to 0 at the last step)."""
     warmup_frac: float = 0.0
@@ -242,8 +245,11 @@ class RunConfig:
     """Input for the main job: empty = MovieLens-100K when present, else synthetic; or a CSV/Parquet path."""
     logical_date: str = ""
     """Nightly logical date D (YYYY-MM-DD); empty = derived from the data (see jobs.nightly)."""
-    replay_days: int = 0
-    """Days at the end of the data kept out of the nightly run for the streaming path."""
+    replay_days: int = 7
+    """Days at the end of the data kept out of the nightly run and streamed through Kafka
+    afterwards, so ``make run`` exercises the hourly path on real data (0 = train on all)."""
+    replay_speedup: float = 0.0
+    """Event-time seconds replayed per wall second by ``make run`` (0 = as fast as possible)."""
     synthetic_users: int = 2000
     """Synthetic fallback size: users."""
     synthetic_items: int = 1000

@@ -1,0 +1,51 @@
+"""The one Redis client factory: URL schemes, passwords, retries, health checks, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.redis_conn import client_options, redacted_url, redis_client
+from twotower.config import RedisConfig, Settings, load_settings
+
+
+def test_password_from_url_wins_over_the_environment():
+    opts = client_options(RedisConfig(url="redis://:inurl@cache:6379/0", password="fromenv"))
+    assert "password" not in opts  # redis-py takes it from the URL
+    opts = client_options(RedisConfig(url="redis://cache:6379/0", password="fromenv"))
+    assert opts["password"] == "fromenv"
+
+
+def test_password_comes_from_TT_REDIS_PASSWORD():
+    s = load_settings({"REDIS_URL": "rediss://cache.example:6380/1", "TT_REDIS_PASSWORD": "s3cret", "TT_REDIS_SSL_CA_CERTS": "/etc/ca.pem"})
+    opts = client_options(s.redis)
+    assert opts["password"] == "s3cret" and opts["ssl_ca_certs"] == "/etc/ca.pem"
+
+
+def test_retries_and_health_checks_are_configured():
+    opts = client_options(RedisConfig(retries=7, socket_timeout_s=2.5))
+    assert opts["retry"].get_retries() == 7
+    assert opts["socket_timeout"] == opts["socket_connect_timeout"] == 2.5
+    assert opts["health_check_interval"] > 0
+
+
+def test_redacted_url_hides_the_password():
+    assert redacted_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redacted_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_client_talks_to_the_real_redis(settings: Settings):
+    client = redis_client(settings)
+    key = f"{settings.redis.prefix}:probe"
+    try:
+        client.set(key, b"\x00\x01")
+        assert client.get(key) == b"\x00\x01"
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_unreachable_redis_names_the_address_without_the_password(settings: Settings):
+    down = settings.replace("redis", url="redis://:topsecret@127.0.0.1:1/0", retries=1, socket_timeout_s=0.5)
+    with pytest.raises(ConnectionError) as err:
+        redis_client(down)
+    assert "127.0.0.1:1" in str(err.value) and "topsecret" not in str(err.value)
