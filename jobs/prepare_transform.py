@@ -58,13 +58,13 @@ def conform(df: DataFrame, schema: pa.Schema) -> DataFrame:
 
     Why the union: Spark writes a column it knows is never null as a Parquet ``required`` field,
     and pyarrow then reads ``int32 not null``, which does not equal the contract schema. A plain
-    cast is optimised away; a union with an empty relation of the nullable schema makes the
-    output nullable, and the optimiser drops the empty side without touching row order.
+    cast is optimised away; a union with an empty relation of null literals makes the output
+    nullable, and the optimiser drops the empty side (a ``where false``) before anything runs,
+    so row order and partitions stay as they are.
     """
-    spark_schema = T.StructType([T.StructField(f.name, spark_type(f.type), True) for f in schema])
-    cols = [F.col(f.name).cast(f.dataType).alias(f.name) for f in spark_schema]
-    empty = df.sparkSession.createDataFrame([], spark_schema)
-    return df.select(*cols).unionByName(empty)
+    types = [(f.name, spark_type(f.type)) for f in schema]
+    empty = df.select(*[F.lit(None).cast(t).alias(name) for name, t in types]).where(F.lit(False))
+    return df.select(*[F.col(name).cast(t).alias(name) for name, t in types]).unionByName(empty)
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Order, so that serving never sees half a version:
    if the row does not exist yet (a re-run after a crash fills the gaps and never overwrites a
    row the incremental updater has already moved), and the history at the data cutoff, added
    to ``<p>:hist:{u:<id>}`` (members ``<event_id>\\t<item_id>`` scored by ts: idempotent) and
-   trimmed to the newest L;
+   trimmed to the newest L before the cutoff (later events belong to the hourly path);
 4. the version metadata ``<p>:version:<v>`` (its presence means "fully written");
 5. the pointer switch: one Lua script on the one pointer key (Cluster-safe) that moves
    current -> previous and sets current, and refuses a version whose data cutoff is older than
@@ -253,24 +253,37 @@ def write_rows(
     return written, total - written
 
 
+TRIM_BEFORE_CUTOFF = """
+local n = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[1])
+local extra = n - tonumber(ARGV[2])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+return extra
+"""
+"""KEYS[1] = history zset; ARGV = cutoff_ms, L. Keeps the newest L events before the cutoff and
+every event after it: the hourly consumer, replaying the hours after the cutoff, reads the
+history as of each hour's start, so events after the cutoff must survive a (re)publish."""
+
+
 def write_histories(
     client: redis.Redis,
     prefix: str,
     version: str,
     history: Iterator[list[tuple[str, dict[str, int]]]],
     history_len: int,
+    cutoff_ms: int,
     on_batch: Callable[[int, int], None] | None = None,
     first_batch: int = 1,
 ) -> int:
-    """Add each user's history events (idempotent ZADD) and trim to the newest ``history_len``;
-    returns the number of users written."""
+    """Add each user's history events at the cutoff (idempotent ZADD) and trim what lies before
+    the cutoff to the newest ``history_len``; returns the number of users written."""
     done = 0
+    trim = client.register_script(TRIM_BEFORE_CUTOFF)
     for b, chunk in enumerate(history, start=first_batch):
         pipe = client.pipeline(transaction=False)
         for uid, members in chunk:
             key = redis_keys.user_history(prefix, uid)
             pipe.zadd(key, members)
-            pipe.zremrangebyrank(key, 0, -(history_len + 1))
+            trim(keys=[key], args=[cutoff_ms, history_len], client=pipe)
         pipe.execute()
         done += len(chunk)
         if on_batch is not None:
@@ -373,7 +386,7 @@ def publish_version(
         written, kept = write_rows(client, prefix, version, user_ids, rows, size, on_batch)
         history = history_batches(facts.artifact_dir, facts.prepared_dir, facts.history_len, size)
         row_batches = -(-len(user_ids) // max(size, 1))
-        n_hist = write_histories(client, prefix, version, history, facts.history_len, on_batch, row_batches + 1)
+        n_hist = write_histories(client, prefix, version, history, facts.history_len, facts.data_cutoff_ms, on_batch, row_batches + 1)
         result.update(rows_written=written, rows_kept=kept, histories_written=n_hist)
 
         now_ms = int(time.time() * 1000)

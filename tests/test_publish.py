@@ -208,3 +208,19 @@ def test_rollback_swaps_current_and_previous(s, redis_client):
     # publishing the newer v2 again is a normal forward switch
     assert publish_version(s, v2, client=redis_client)["switched"] is True
     assert pointer(redis_client, s)["current"] == v2.name
+
+
+def test_publish_trims_history_only_before_the_cutoff(s, redis_client):
+    """Events after the cutoff (written by the hourly path) survive a publish; before the cutoff
+    only the newest L (= 5 here) are kept."""
+    v1, _, _ = versions(s)
+    p = s.redis.prefix
+    key = redis_keys.user_history(p, "u1")
+    cutoff = 1_706_659_200_000
+    redis_client.zadd(key, {"late-1\ti3": cutoff + 1_000, "late-2\ti4": cutoff + 2_000, "old-0\ti9": 1})
+    publish_version(s, v1, client=redis_client)
+    members = redis_client.zrange(key, 0, -1, withscores=True)
+    before = [m for m, sc in members if sc < cutoff]
+    after = [m.decode() for m, sc in members if sc >= cutoff]
+    assert len(before) == 5 and b"old-0\ti9" not in before
+    assert after == ["late-1\ti3", "late-2\ti4"]

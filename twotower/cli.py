@@ -78,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _print_status(settings)
     if args.command == "recall":
-        from serving.recall import recall
+        from serving.recall import NothingPublished, recall
 
-        for item_id, score in recall(settings, args.user, args.k):
+        try:
+            items = recall(settings, args.user, args.k)
+        except (ValueError, NothingPublished) as exc:
+            log.error("recall failed: %s", exc)
+            return 2
+        for item_id, score in items:
             print(f"{item_id}\t{score:.4f}")
         return 0
     if args.command == "quality":
