@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from twotower.atomic import atomic_write_dir
 from twotower.contracts import ATTR_TABLE_SCHEMA, RAW_EVENT_SCHEMA, day_of_ms
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def write_raw_events(events: pa.Table, raw_dir: Path) -> list[str]:
     for day_num in np.unique(days):
         part = events.filter(pa.array(days == day_num))
         day = day_of_ms(int(day_num) * 86_400_000).isoformat()
-        _atomic_write_dir(raw_dir / f"dt={day}", lambda d, t=part: pq.write_table(t, d / "part-0.parquet"))
+        atomic_write_dir(raw_dir / f"dt={day}", lambda d, t=part: pq.write_table(t, d / "part-0.parquet"))
         written.append(day)
     return written
 
@@ -197,23 +197,6 @@ def write_attr_table(rows: dict[str, list[str]], kind: str, raw_dir: Path) -> Pa
     pq.write_table(table, tmp)
     tmp.replace(path)
     return path
-
-
-def _atomic_write_dir(target: Path, fill) -> None:
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- MovieLens-100K ---------------------------------------------------------------------------
