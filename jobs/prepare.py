@@ -338,6 +338,7 @@ def run_prepare(settings: Settings, day: dt.date, spark: SparkSession | None = N
         from jobs.spark import get_spark
 
         spark = get_spark(settings.spark)
+        progress.say("Spark session ready")
     spark = job_session(spark, len(raw.files))
 
     def fill(tmp: Path) -> None:

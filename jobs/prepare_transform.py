@@ -58,12 +58,14 @@ def conform(df: DataFrame, schema: pa.Schema) -> DataFrame:
 
     Why the union: Spark writes a column it knows is never null as a Parquet ``required`` field,
     and pyarrow then reads ``int32 not null``, which does not equal the contract schema. A plain
-    cast is optimised away; a union with an empty relation of null literals makes the output
-    nullable, and the optimiser drops the empty side (a ``where false``) before anything runs,
-    so row order and partitions stay as they are.
+    cast is optimised away, and so is a union with an empty relation the optimiser can see is
+    empty (a local relation, a ``where false``), nullability with it. An empty range is opaque
+    to it: the union stays, its output is nullable, and its one empty partition comes after
+    ``df``'s partitions and writes no file, so files and row order stay as they are.
+    (collect_spark_output checks every written schema, so a smarter optimiser fails loudly.)
     """
     types = [(f.name, spark_type(f.type)) for f in schema]
-    empty = df.select(*[F.lit(None).cast(t).alias(name) for name, t in types]).where(F.lit(False))
+    empty = df.sparkSession.range(0, numPartitions=1).select(*[F.lit(None).cast(t).alias(name) for name, t in types])
     return df.select(*[F.col(name).cast(t).alias(name) for name, t in types]).unionByName(empty)
 
 

@@ -18,8 +18,13 @@ def get_spark(cfg: SparkConfig, app_name: str = "twotower"):
     from pyspark.sql import SparkSession
 
     log.info("starting Spark session (master %s)", cfg.master)
+    builder = SparkSession.builder
+    if cfg.master.startswith("local"):
+        # Short local jobs are dominated by JIT warm-up: the C1-only tier cut a fresh-session
+        # MovieLens prepare from 57 to 41 CPU-seconds on 2 cores. Clusters keep the full JIT.
+        builder = builder.config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1")
     return (
-        SparkSession.builder.master(cfg.master)
+        builder.master(cfg.master)
         .appName(app_name)
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
         .config("spark.driver.memory", cfg.driver_memory)

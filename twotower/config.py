@@ -96,9 +96,10 @@ class TrainConfig:
     batch_size: int = 1024
     """In-batch softmax batch size (also the number of negatives per positive)."""
     lr: float = 1e-3
-    """Adam learning rate."""
+    """AdamW learning rate (peak rate under the cosine schedule)."""
     weight_decay: float = 0.0
-    """Adam weight decay."""
+    """AdamW decoupled weight decay. 0: it shrinks every embedding row at every step, rows of
+    rare items that get no gradient included (0.1 was within noise on ML-100K)."""
     logq: bool = True
     """Apply the logQ sampling-bias correction (Yi et al., RecSys 2019)."""
     seed: int = 42
@@ -117,9 +118,11 @@ class TrainConfig:
     ``streaming`` (Yi et al.'s hashed estimator, updated batch by batch)."""
     logq_weight: float = 1.0
     """Multiplier of log p_i in the correction (1 = the paper's correction)."""
-    user_id_dropout: float = 0.0
+    user_id_dropout: float = 0.1
     """Fraction of training examples whose user ID is replaced by row 0 (out-of-vocabulary),
-    so that row 0 learns a cold-start user and the model leans on attributes and history."""
+    so that row 0 learns a cold-start user and the model leans on attributes and history.
+    On ML-100K, 0.1 left warm-user hit@50 unchanged and raised it from 0.37 to 0.42 for users
+    scored with row 0 (what a new user gets before the hourly path learns their row)."""
     extra_negatives: int = 0
     """Items drawn uniformly from the corpus per step as extra negatives beside the in-batch
     ones (mixed negative sampling); logQ then uses each candidate's expected draws per step."""
