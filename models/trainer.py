@@ -121,7 +121,7 @@ def _fit(model_cfg, train_cfg, examples, features, item_log_prob, sizes, threads
     uniform_weights = bool((examples.weight == 1.0).all())
 
     log.info(
-        "training %s (dim %d, hidden %d, tau %.3g) on %s examples: %d epochs x %d steps of %d, %d threads",
+        "training %s (dim %d, hidden %d, tau %.3g) on %s examples: %d epochs x %d steps of %d, %d torch thread(s)",
         model_cfg.arch, model_cfg.dim, model_cfg.hidden, model_cfg.temperature, f"{n:,}",
         train_cfg.epochs, steps_per_epoch, train_cfg.batch_size, threads,
     )  # fmt: skip
@@ -159,11 +159,13 @@ def _fit(model_cfg, train_cfg, examples, features, item_log_prob, sizes, threads
                 group["lr"] = learning_rate(train_cfg, step, total_steps)
             user_vecs = model.user_vectors(user_ids, features.users(users), hist)
             item_vecs = model.item_vectors(candidates, features.items(candidates))
-            loss = in_batch_softmax_loss(model.score(user_vecs, item_vecs), candidates, log_q, None if uniform_weights else weight_all[b])
+            weights = None if uniform_weights else weight_all[b]
+            loss = in_batch_softmax_loss(model.score(user_vecs, item_vecs), candidates, log_q, weights)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"nothing was written (try a lower lr than {train_cfg.lr} or a higher temperature than {model_cfg.temperature})"
+                    f"nothing was written (try a lower lr than {train_cfg.lr} "
+                    f"or a higher temperature than {model_cfg.temperature})"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

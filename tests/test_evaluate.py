@@ -119,14 +119,13 @@ def test_evaluate_exact_writes_metrics_and_keeps_other_keys(settings: Settings):
 @pytest.mark.spark
 def test_end_to_end_on_a_movielens_slice_beats_chance(spark, settings: Settings, ml_small_raw_dir):
     """Real prepare (Spark) on users 1..120 -> one epoch of the default model -> evaluation."""
-    from jobs.prepare import run_prepare
-
-    s = settings.replace("paths", state_dir=settings.paths.state_dir)
     import shutil
 
-    shutil.copytree(ml_small_raw_dir, s.paths.raw_dir)
-    prepared = run_prepare(s, dt.date(1998, 4, 22), spark=spark)
-    s = s.replace("train", epochs=1, threads=1)
+    from jobs.prepare import run_prepare
+
+    shutil.copytree(ml_small_raw_dir, settings.paths.raw_dir)
+    prepared = run_prepare(settings, dt.date(1998, 4, 22), spark=spark)
+    s = settings.replace("train", epochs=1)
     art = train_version(s, prepared)
     for name in ("model", "config", "item_embeddings", "manifest", "vocab_users", "vocab_items", "users", "items"):
         assert (art / ARTIFACT_FILES[name]).is_file()
@@ -135,4 +134,6 @@ def test_end_to_end_on_a_movielens_slice_beats_chance(spark, settings: Settings,
     _, _, seen = eval_queries(art, prepared)
     chance_at_50 = float(np.mean([min(50 / (n_items - len(x)), 1.0) for x in seen]))
     assert result["n_eval_users"] == 120
+    # one epoch is far from converged (measured 0.108 against chance 0.031); the full default
+    # run is measured by `make quality`, not here
     assert result["exact"]["hit@50"] > 2 * chance_at_50, (result, chance_at_50)
