@@ -9,9 +9,10 @@ Column vocabulary used below (the raw event contract, twotower.contracts):
     event_id, user_id, item_id, event_type: string; ts: int64 epoch ms; weight: float32
 and, once indexed, user_idx / item_idx: int32 (>= 1; 0 is padding / out-of-vocabulary).
 
-The per-user event order is (ts, item_id, event_id), with item_id compared as a string (so
-"10" < "9"); event_id is unique after dedup, which makes the order total and every result below
-deterministic.
+The per-user event order is (ts, len(item_id), item_id, event_id): on a same-timestamp tie the
+item id decides, shorter ids first and then as strings, which is numeric order for numeric ids
+("9" < "10", as DESIGN §9's protocol breaks MovieLens ties) and a fixed order for any other ids;
+event_id is unique after dedup, which makes the order total and every result below deterministic.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 
-EVENT_ORDER = ("ts", "item_id", "event_id")
-"""Total order of one user's events (the contract's example ordering)."""
+def event_order() -> list:
+    """Total order of one user's events (the contract's example ordering), as Spark columns."""
+    return [F.col("ts"), F.length("item_id"), F.col("item_id"), F.col("event_id")]
 
 RAW_READ_SCHEMA = T.StructType(
     [
@@ -122,7 +124,7 @@ def index_events(events: DataFrame, vocab_users: DataFrame, vocab_items: DataFra
 def build_examples(indexed: DataFrame, history_len: int) -> DataFrame:
     """One example per event: indexed columns plus
 
-    pos:     1-based position of the event in its user's (ts, item_id, event_id) order;
+    pos:     1-based position of the event in its user's event order (see module docstring);
     n_user:  the user's event count in the window;
     hist:    list<int32>, item_idx of the ``history_len`` events strictly before this one in that
              order, oldest first ([] for a user's first event);
@@ -134,7 +136,7 @@ def build_examples(indexed: DataFrame, history_len: int) -> DataFrame:
     """
     if history_len < 1:
         raise ValueError(f"history_len must be >= 1, got {history_len}")
-    by_user = Window.partitionBy("user_idx").orderBy(*EVENT_ORDER)
+    by_user = Window.partitionBy("user_idx").orderBy(*event_order())
     whole = by_user.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     out = (
         indexed.withColumn("pos", F.row_number().over(by_user))

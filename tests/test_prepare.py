@@ -96,11 +96,11 @@ def reference_events(raw: Path, window: DayWindow) -> list[dict]:
 
 
 def per_user(events: list[dict]) -> dict[str, list[dict]]:
-    """Each user's events in the contract order (ts, item_id, event_id)."""
+    """Each user's events in the contract order (ts, len(item_id), item_id, event_id)."""
     out: dict[str, list[dict]] = {}
     for e in events:
         out.setdefault(e["user_id"], []).append(e)
-    return {u: sorted(es, key=lambda e: (e["ts"], e["item_id"], e["event_id"])) for u, es in out.items()}
+    return {u: sorted(es, key=lambda e: (e["ts"], len(e["item_id"]), e["item_id"], e["event_id"])) for u, es in out.items()}
 
 
 def first_seen_order(events: list[dict], key: str) -> list[str]:
@@ -195,9 +195,12 @@ def test_every_history_is_exactly_the_last_l_earlier_events(full: Prepared):
 
 def test_spot_check_user_1_by_hand(full: Prepared):
     """User 1's events written out by hand: history = previous L items, oldest first; on a ts tie
-    the item_id string decides, so a tied item is history of the other."""
+    the item id decides (numeric order for numeric ids), so a tied item is history of the other."""
     items = full.idx("vocab_items")
-    mine = sorted((e["ts"], e["item_id"], e["event_id"]) for e in full.events if e["user_id"] == "1")
+    mine = [
+        (ts, item, eid)
+        for ts, _, item, eid in sorted((e["ts"], len(e["item_id"]), e["item_id"], e["event_id"]) for e in full.events if e["user_id"] == "1")
+    ]
     user_1 = full.idx("vocab_users")["1"]
     rows = [r for r in full.table("train").to_pylist() if r["user_idx"] == user_1]
     assert [r["ts"] for r in rows] == [ts for ts, _, _ in mine[:-1]]  # file order = event order
@@ -433,11 +436,11 @@ def test_movielens_100k_leave_last_out_split(spark, ml_raw_dir: Path, ml_dir: Pa
     path = run_prepare(settings, FULL_DAY, spark)
     m = json.loads((path / "manifest.json").read_text())
     assert (m["n_events"], m["n_users"], m["n_items"], m["n_train"], m["n_eval"]) == (100_000, 943, 1682, 99_057, 943)
-    last: dict[str, tuple[int, str]] = {}
+    last: dict[str, tuple[int, int]] = {}
     for line in (ml_dir / "u.data").read_text().splitlines():
         user, item, _, ts = line.split("\t")
-        last[user] = max(last.get(user, (0, "")), (int(ts) * 1000, item))  # ties: item_id as a string
+        last[user] = max(last.get(user, (0, 0)), (int(ts) * 1000, int(item)))  # ties: item id numerically (DESIGN §9)
     users = {r["user_id"]: r["idx"] for r in pq.read_table(path / "vocab_users.parquet").to_pylist()}
     items = {r["item_id"]: r["idx"] for r in pq.read_table(path / "vocab_items.parquet").to_pylist()}
     got = {(r["user_idx"], r["item_idx"], r["ts"]) for r in pq.read_table(path / "eval").to_pylist()}
-    assert got == {(users[u], items[i], ts) for u, (ts, i) in last.items()}
+    assert got == {(users[u], items[str(i)], ts) for u, (ts, i) in last.items()}

@@ -15,7 +15,7 @@ Prepared data (Spark prepare job), one directory per logical date D: ``prepared/
     users.parquet         user_idx:int32, user_id:string, attrs:list<int32>   (every vocab user)
     items.parquet         item_idx:int32, item_id:string, attrs:list<int32>   (every vocab item: the corpus)
     train/*.parquet       EXAMPLE_SCHEMA, every interaction in the window but each user's last
-    eval/*.parquet        EXAMPLE_SCHEMA, each user's last interaction in the window (ties broken by item_id)
+    eval/*.parquet        EXAMPLE_SCHEMA, each user's last interaction in the window (ties broken by item id, see below)
     item_freq.parquet     item_idx:int32, count:int64, prob:float64   (over train; for logQ)
     user_history.parquet  user_idx:int32, hist:list<int32>, hist_ts:list<int64>, hist_event_ids:list<string>
                           (last L events of every user over the whole window, train and eval, oldest
@@ -23,7 +23,8 @@ Prepared data (Spark prepare job), one directory per logical date D: ``prepared/
     manifest.json         see MANIFEST_KEYS
     _SUCCESS              written last; a partition without it is incomplete and never read.
 
-    Example ordering: a user's events are totally ordered by (ts, item_id, event_id). ``hist`` of
+    Example ordering: a user's events are totally ordered by (ts, len(item_id), item_id, event_id)
+    (numeric order for numeric ids, so MovieLens ties break as DESIGN §9 does). ``hist`` of
     an example holds the item_idx of the last L events strictly before it in that order, oldest
     first; no event at or after the target is ever in it.
 
