@@ -245,12 +245,13 @@ def test_first_seen_per_user_and_item(spark, tf):
 
 @pytest.fixture(scope="module")
 def tiny_examples(spark, tf):
-    """u1: five events, two pairs tied on ts (ordered by item_id as a string, then event_id);
+    """u1: five events, two pairs tied on ts (ordered by item id: shorter first, then as a string,
+    then event_id);
     u2: one event. history_len 2."""
     rows = [
         ("e5", "u1", "i5", 300),
         ("e1", "u1", "i1", 100),
-        ("e3", "u1", "i10", 200),  # ts tie with e2: "i10" < "i2" as strings
+        ("e3", "u1", "i10", 200),  # ts tie with e2: "i2" comes first (shorter id: numeric order)
         ("e2", "u1", "i2", 200),
         ("e4b", "u1", "i4", 250),  # same ts and item as e4a: event_id decides
         ("e4a", "u1", "i4", 250),
@@ -264,13 +265,13 @@ def tiny_examples(spark, tf):
 
 def test_examples_history_is_strictly_before_in_event_order(tiny_examples):
     got = {r["event_id"]: (r["pos"], r["hist"], r["is_eval"]) for r in tiny_examples.collect()}
-    # u1 order: e1(i1) e3(i10) e2(i2) e4a(i4) e4b(i4) e5(i5)
+    # u1 order: e1(i1) e2(i2) e3(i10) e4a(i4) e4b(i4) e5(i5)
     assert got == {
         "e1": (1, [], False),
-        "e3": (2, [1], False),
-        "e2": (3, [1, 10], False),
-        "e4a": (4, [10, 2], False),
-        "e4b": (5, [2, 4], False),
+        "e2": (2, [1], False),
+        "e3": (3, [1, 2], False),
+        "e4a": (4, [2, 10], False),
+        "e4b": (5, [10, 4], False),
         "e5": (6, [4, 4], True),
         "s1": (1, [], False),  # a user's only event stays in train
     }
@@ -294,4 +295,4 @@ def test_conform_gives_the_contract_schema_with_nullable_fields(tiny_examples, t
     assert len(files) == 1  # the empty side of the union adds no file
     table = pq.read_table(files[0])
     assert table.schema.equals(PREPARED_SCHEMAS["train"], check_metadata=False)
-    assert table["item_idx"].to_pylist() == [1, 10, 2, 4, 4, 5, 1]  # sort order survives
+    assert table["item_idx"].to_pylist() == [1, 2, 10, 4, 4, 5, 1]  # sort order survives
