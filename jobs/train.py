@@ -18,7 +18,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from models.data import log_sampling_prob, read_examples, read_item_counts, read
 from models.features import load_feature_tables
 from models.towers import corpus_item_vectors, model_config_dict
 from models.trainer import TrainResult, fit
+from twotower.atomic import atomic_write_dir
 from twotower.config import ModelConfig, Settings, TrainConfig
 from twotower.contracts import ARTIFACT_FILES, parse_day
 
@@ -92,6 +92,7 @@ def artifact_manifest(version: str, prepared_manifest: dict, settings: Settings,
         "torch_version": torch.__version__,
         "epoch_loss": [round(x, 6) for x in result.epoch_loss],
         # timing fields: the only ones that differ between two runs of the same version
+        "prepared_dir": str(prepared_dir),
         "trained_at": round(time.time(), 3),
         "train_seconds": round(result.seconds, 3),
         "samples_per_s": round(result.samples_per_s, 1),
@@ -102,22 +103,13 @@ def write_artifact(target: Path, prepared_dir: Path, result: TrainResult, item_v
     """Write the whole artifact directory under a temporary name, then rename it to ``target``
     (replacing an earlier run of the same version)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         torch.save(result.model.state_dict(), tmp / ARTIFACT_FILES["model"])
         (tmp / ARTIFACT_FILES["config"]).write_text(json.dumps(model_config_dict(result.model), indent=2, sort_keys=True) + "\n")
         np.save(tmp / ARTIFACT_FILES["item_embeddings"], item_vecs)
         for name in COPIED_TABLES:
             shutil.copyfile(prepared_dir / ARTIFACT_FILES[name], tmp / ARTIFACT_FILES[name])
         (tmp / ARTIFACT_FILES["manifest"]).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(target, fill)
