@@ -127,6 +127,11 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     from jobs.backfill import backfill
 
+    if not any(settings.paths.raw_dir.glob("dt=*")):
+        from jobs.main import ingest_input
+
+        log.info("no raw data under %s yet: ingesting the default input first", settings.paths.raw_dir)
+        ingest_input(settings, None)
     results = backfill(settings, start, end, args.publish)
     for r in results:
         print(json.dumps(r, sort_keys=True, default=str))
