@@ -70,7 +70,7 @@ def train_version(settings: Settings, prepared_dir: Path) -> Path:
     item_vecs = corpus_item_vectors(result.model, features.item_attrs).numpy().astype(np.float32)
 
     target = settings.paths.artifacts_dir / version
-    write_artifact(target, prepared_dir, result, item_vecs, artifact_manifest(version, manifest, settings, result, prepared_dir))
+    write_artifact(target, prepared_dir, result, item_vecs, artifact_manifest(version, manifest, settings, result))
     log.info(
         "version %s written to %s: %.1f s of training at %s samples/s",
         version, target, result.seconds, f"{result.samples_per_s:,.0f}",
@@ -78,7 +78,7 @@ def train_version(settings: Settings, prepared_dir: Path) -> Path:
     return target
 
 
-def artifact_manifest(version: str, prepared_manifest: dict, settings: Settings, result: TrainResult, prepared_dir: Path) -> dict:
+def artifact_manifest(version: str, prepared_manifest: dict, settings: Settings, result: TrainResult) -> dict:
     """manifest.json: what the version is, which data it saw, how it was trained."""
     return {
         "version": version,
@@ -91,7 +91,6 @@ def artifact_manifest(version: str, prepared_manifest: dict, settings: Settings,
         "threads": result.threads,
         "torch_version": torch.__version__,
         "epoch_loss": [round(x, 6) for x in result.epoch_loss],
-        "prepared_dir": str(prepared_dir),
         # timing fields: the only ones that differ between two runs of the same version
         "trained_at": round(time.time(), 3),
         "train_seconds": round(result.seconds, 3),
