@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	-$(BIN)/pip uninstall -q -y faiss-$(OTHER_FAISS) 2>/dev/null
-	$(BIN)/pip install -q -e '.[$(FAISS),airflow,serve,dev]'
+	$(BIN)/pip install -q -e '.[$(FAISS),airflow,serve,bench,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
