@@ -113,10 +113,20 @@ class TwoTower(nn.Module):
         The incremental updater and the serving layer pass the row they read from Redis here;
         gradients flow into ``id_rows``. ``user_attrs[B, A]`` and ``hist[B, L]`` are 0-padded.
         """
-        parts = [id_rows, pooled_embeddings(self.attr_embedding, user_attrs)]
+        return self.user_vectors_from_context(id_rows, self.user_context(user_attrs, hist))
+
+    def user_context(self, user_attrs: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        """Everything of the user tower's input except the ID row: pooled attributes ⊕ pooled
+        history, ``[B, e * (1 + history width)]``. The hourly update computes it once per hour,
+        since only the row moves between its steps."""
+        parts = [pooled_embeddings(self.attr_embedding, user_attrs)]
         if self.use_history:
             parts.append(pool_history(self.item_id_embedding, hist, self.cfg.pooling, self.cfg.decay_half_life))
-        return F.normalize(self.user_mlp(torch.cat(parts, dim=-1)), dim=-1)
+        return torch.cat(parts, dim=-1)
+
+    def user_vectors_from_context(self, id_rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """User vectors ``[B, d]`` (unit norm) from ID rows ``[B, e]`` and ``user_context`` ``[B, c]``."""
+        return F.normalize(self.user_mlp(torch.cat([id_rows, context], dim=-1)), dim=-1)
 
     def user_vectors(self, user_idx: torch.Tensor, user_attrs: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """User vectors ``[B, d]`` (unit norm) for vocabulary indices ``user_idx[B]`` (0 = unknown user)."""

@@ -29,9 +29,9 @@ import numpy as np
 from streaming.events import Event
 from streaming.faults import crash_point
 from streaming.state import StoredRow, StreamState, UserWrite
-from streaming.update import UserTargets, chunk_size, chunks, update_rows, user_targets
+from streaming.update import UserTargets, chunk_size, chunks, sampled_candidates, update_rows, user_targets
 from streaming.version import LoadedVersion
-from streaming.windows import Buffered, events_by_user
+from streaming.windows import HOUR_MS, Buffered, events_by_user, window_start
 from twotower import redis_keys as rk
 from twotower.config import IncrementalConfig
 
@@ -116,13 +116,21 @@ def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: dict[str,
 
     batch = [p for p in plans if p.kind in (UPDATE, REPLAYED)]
     out: dict[str, np.ndarray] = {}
-    size = chunk_size(len(version.item_index), cfg.logit_budget)
+    if not batch:
+        return out
+    # the hour's negative sample is seeded by the hour itself: every attempt draws the same one
+    hour_ms = window_start(min(e.ts for p in batch for e in p.events))
+    n_items = version.item_vectors.shape[0] - 1
+    candidates = sampled_candidates(n_items, cfg.negatives, seed=hour_ms // HOUR_MS)
+    size = chunk_size(len(candidates.idx), cfg.logit_budget)
     for rng in chunks(len(batch), size):
         part = [batch[i] for i in rng]
         rows = np.stack([p.start_row for p in part])
         attrs = version.attrs_of([p.user_idx for p in part])
         hist = history_tensor([version.item_idx(hists.get(p.user_id, [])) for p in part], version.history_len)
-        new_rows, _ = update_rows(version.model, version.item_vectors, rows, attrs, hist, [p.targets for p in part], cfg.steps, cfg.lr)
+        new_rows, _ = update_rows(
+            version.model, version.item_vectors, rows, attrs, hist, [p.targets for p in part], cfg.steps, cfg.lr, candidates
+        )
         for p, row in zip(part, new_rows):
             out[p.user_id] = row
     return out

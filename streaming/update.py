@@ -88,6 +88,33 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The items a chunk's softmax normalises over, besides each user's own positives.
+
+    ``idx`` int64 [C] item_idx >= 1; ``log_correction`` is added to their logits: 0 for the
+    full corpus, log(N / C) for a uniform sample of C of the N items (the sampled-softmax
+    estimate of the full partition function; uniform sampling makes the logQ term a constant).
+    """
+
+    idx: torch.Tensor
+    log_correction: float
+
+
+def full_corpus(n_items: int) -> Candidates:
+    return Candidates(torch.arange(1, n_items + 1), 0.0)
+
+
+def sampled_candidates(n_items: int, n_negatives: int, seed: int) -> Candidates:
+    """``n_negatives`` items drawn uniformly without replacement, seeded (the same set in every
+    attempt at the same hour); the full corpus when it is not larger than the sample."""
+    if n_negatives <= 0 or n_negatives >= n_items:
+        return full_corpus(n_items)
+    gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))
+    idx = torch.randperm(n_items, generator=gen)[:n_negatives].sort().values + 1
+    return Candidates(idx, float(np.log(n_items / n_negatives)))
+
+
 def update_rows(
     model,
     item_vectors: torch.Tensor,
@@ -97,33 +124,68 @@ def update_rows(
     targets: list[UserTargets],
     steps: int,
     lr: float,
+    candidates: Candidates | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``steps`` Adagrad steps on ``rows`` and return (new rows float32 [B, e], loss before [B]).
 
     ``model`` is a frozen TwoTower; ``item_vectors[N + 1, d]`` its corpus vectors (row 0 padding);
     ``rows[B, e]`` the users' current ID rows; ``user_attrs[B, A]`` and ``hist[B, L]`` 0-padded;
-    ``targets`` one UserTargets per row. The batch is processed as given (callers chunk it).
+    ``targets`` one UserTargets per row; ``candidates`` the softmax's other items (default: the
+    whole corpus). The batch is processed as given (callers chunk it).
+
+    The softmax of user b runs over [its P positives | the candidates that are not among them].
+    With the full corpus as candidates that is every item exactly once, i.e. the plain full
+    softmax. Its gradient with respect to the user vector is closed-form,
+    (p - w) . V / tau, so autograd only runs through the small user-tower MLP; the context
+    (pooled attributes and history) does not depend on the row and is computed once.
     """
     if len(targets) != len(rows):
         raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
-    item_idx, item_w = padded_targets(targets)
-    mask = torch.zeros(item_vectors.shape[0])
-    mask[0] = -1e30  # the padding row is never a candidate (finite: padded targets gather it with weight 0)
+    cand = candidates if candidates is not None else full_corpus(item_vectors.shape[0] - 1)
+    item_idx, item_w = padded_targets(targets)  # [B, P]
+    inv_tau = 1.0 / float(model.temperature)
+    with torch.no_grad():
+        context = model.user_context(user_attrs, hist)
+        pos_v = item_vectors[item_idx]  # [B, P, d]; padded slots gather row 0 (zeros) with weight 0
+        neg_v = item_vectors[cand.idx]  # [C, d]
+        pad = item_w <= 0  # padded positive slots
+        dup = _positives_among(cand.idx, item_idx, pad)  # flat [B * C] positions: never a negative of their own user
     row_t = torch.tensor(np.asarray(rows, dtype=np.float32), requires_grad=True)
     state_sum = torch.zeros_like(row_t)
-    inv_tau = 1.0 / float(model.temperature)
     first_loss = None
     for _ in range(steps):
-        u = model.user_vectors_from_rows(row_t, user_attrs, hist)
-        logp = torch.log_softmax(u @ item_vectors.T * inv_tau + mask, dim=-1)
-        per_user = -(item_w * logp.gather(1, item_idx)).sum(1)
-        if first_loss is None:
-            first_loss = per_user.detach().numpy().copy()
-        (grad,) = torch.autograd.grad(per_user.sum(), row_t)
+        u = model.user_vectors_from_context(row_t, context)
+        with torch.no_grad():
+            su = u * inv_tau
+            s_pos = torch.bmm(pos_v, su.unsqueeze(-1)).squeeze(-1).masked_fill_(pad, -torch.inf)  # [B, P]
+            s_neg = torch.mm(su, neg_v.T)  # [B, C]
+            if cand.log_correction:
+                s_neg.add_(cand.log_correction)
+            s_neg.view(-1)[dup] = -torch.inf
+            # softmax over [positives | negatives] without concatenating: one exp per logit
+            m = torch.maximum(s_pos.amax(1, keepdim=True), s_neg.amax(1, keepdim=True))
+            e_pos, e_neg = s_pos.sub_(m).exp_(), s_neg.sub_(m).exp_()
+            z = e_pos.sum(1, keepdim=True).add_(e_neg.sum(1, keepdim=True))
+            p_pos, p_neg = e_pos.div_(z), e_neg.div_(z)
+            if first_loss is None:
+                first_loss = -(item_w * torch.log(p_pos.clamp_min(1e-30))).sum(1).numpy().copy()
+            g_pos = p_pos.sub_(item_w)  # dL/ds = p - w on the positives, p on the negatives
+            grad_u = torch.bmm(g_pos.unsqueeze(1), pos_v).squeeze(1).addmm_(p_neg, neg_v).mul_(inv_tau)
+        (grad,) = torch.autograd.grad(u, row_t, grad_outputs=grad_u)
         adagrad_step(row_t, grad, state_sum, lr)
     if first_loss is None:
         first_loss = np.zeros(len(rows), dtype=np.float32)
     return row_t.detach().numpy().astype(np.float32, copy=True), first_loss
+
+
+def _positives_among(cand_idx: torch.Tensor, item_idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``b * C + c`` where candidate c is one of user b's positives (``cand_idx``
+    sorted ascending, [C]; ``item_idx`` [B, P] with padded slots marked in ``pad``)."""
+    n_cand = len(cand_idx)
+    col = torch.searchsorted(cand_idx, item_idx).clamp_max(n_cand - 1)
+    hit = (cand_idx[col] == item_idx) & ~pad
+    rows = torch.arange(len(item_idx)).unsqueeze(1).expand_as(col)
+    return (rows * n_cand + col)[hit]
 
 
 @torch.no_grad()
