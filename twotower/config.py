@@ -142,6 +142,12 @@ class IndexConfig:
     """Seed for k-means training and query sampling."""
     threads: int = 0
     """OpenMP threads Faiss uses on the CPU while building; 0 keeps Faiss's default (all cores)."""
+    train_points_per_list: int = 64
+    """Training sample per inverted list: the index trains on at most ``nlist`` x this many
+    vectors, sampled with ``seed`` (Faiss's guidance is 39-256 per centroid; values below 39 are
+    raised to 39). 1M items, nlist 4096: 262,144 training vectors instead of all 1M, which makes
+    k-means about 4x faster for a recall@100 change inside the tuning noise. The PQ codebooks
+    train on (at most 65,536 of) the same sample. 0 trains on every vector."""
 
 
 @dataclass(frozen=True)
