@@ -235,6 +235,11 @@ class IncrementalConfig:
     Bounded mode never does this, so its results are exactly reproducible."""
     checkpoint_interval_s: float = 10.0
     """Continuous mode: positions are stored at least this often even when no hour closes."""
+    negatives: int = 512
+    """Items each hour's softmax normalises over besides the users' own positives: a uniform
+    sample of this many, seeded by the hour (identical in every attempt), with the log(N / S)
+    correction; 0 or >= the corpus size = the full corpus. 512 keeps the update cost independent
+    of corpus size (benchmarks/RESULTS.md: replay quality and consumer throughput)."""
     logit_budget: int = 16_000_000
     """Largest users x items logit matrix of one update chunk (floats); bounds memory on big corpora."""
     max_event_bytes: int = 64 * 1024
