@@ -418,7 +418,6 @@ def render(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # torch-rechub's trainer draws progress bars
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=1, help="seeds for ours and the torch-rechub peers")
     parser.add_argument("--peer-seeds", type=int, default=3, help="seeds for implicit ALS and BPR (cheap)")

@@ -19,6 +19,8 @@ Shapes: N train interactions, L history slots, d = ``RechubConfig.dim``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -167,7 +169,9 @@ def train(split: Split, cfg: RechubConfig, arch: str, seed: int, threads: int) -
                     n_epoch=cfg.epochs, device="cpu", model_path=tmp,
                 )  # fmt: skip
                 t0 = time.perf_counter()
-                trainer.fit(data)
+                # MatchTrainer prints a line per epoch and a progress bar per batch; logs stay
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    trainer.fit(data)
                 seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(previous)
