@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streaming.faults import crash_point
 from twotower.config import Settings
 from twotower.contracts import prepared_partition
 
@@ -67,7 +68,7 @@ def stage_publish(settings: Settings, artifact_dir: Path, force: bool = False) -
     """Write the version to Redis and switch the pointer; returns what was published."""
     from jobs.publish import publish_version
 
-    return publish_version(settings, artifact_dir, force=force)
+    return publish_version(settings, artifact_dir, force=force, on_batch=lambda *_: crash_point("nightly_mid_publish"))
 
 
 @dataclass
@@ -112,7 +113,9 @@ def run_nightly(settings: Settings, day: dt.date, publish: str = "auto") -> Nigh
 
     try:
         timed("prepare", stage_prepare, settings, day)
+        crash_point("nightly_after_prepare")  # fault tests only (streaming.faults); no-op otherwise
         artifact_dir = timed("train", stage_train, settings, day)
+        crash_point("nightly_after_train")
         result.artifact_dir, result.version = str(artifact_dir), artifact_dir.name
         result.metrics = timed("evaluate", stage_evaluate, settings, artifact_dir, day)
         gate = timed("gate", stage_gate, settings, artifact_dir)
@@ -120,6 +123,7 @@ def run_nightly(settings: Settings, day: dt.date, publish: str = "auto") -> Nigh
         result.index = timed("index", stage_index, settings, artifact_dir, day)
         if "ann" in result.index:  # the index stage measures the same metrics through the index
             result.metrics["ann"] = result.index.pop("ann")
+        crash_point("nightly_after_index")
         if publish == "no":
             result.status = "built"
         elif gate.passed or publish == "force":

@@ -8,8 +8,15 @@ the client down; nothing else calls ``redis.Redis(...)``.
 
 A password in the URL wins; otherwise ``RedisConfig.password`` (TT_REDIS_PASSWORD) is used.
 Connection errors and timeouts are retried ``RedisConfig.retries`` times with exponential
-backoff and jitter, so a Redis failover or a restart during a publish is waited out instead of
-failing the nightly run. Idle pooled connections are health-checked before reuse.
+backoff and jitter (retry n waits between half and all of min(8, 0.25 * 2**n) seconds: 7.75
+to 15.5 s over the default 5 retries), so a Redis failover or a restart during a publish is
+waited out instead of failing the nightly run. Idle pooled connections are health-checked before reuse.
+
+A restarted Redis has forgotten every Lua script loaded into it (the script cache is not
+persisted). redis-py loads a pipeline's scripts once, before its first attempt, so a pipeline
+retried across a restart would fail with NoScriptError. ``ResilientRedis`` pipelines load the
+missing scripts again and re-run exactly the commands that failed that way (the others did
+run, and are not repeated).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import logging
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff
+from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -29,6 +38,40 @@ log = logging.getLogger(__name__)
 
 HEALTH_CHECK_INTERVAL_S = 30
 """A pooled connection idle longer than this is PINGed before it is reused."""
+BACKOFF_BASE_S = 0.25
+"""Retry n waits between half and all of min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**n) seconds."""
+BACKOFF_CAP_S = 8.0
+
+
+class ScriptReloadingPipeline(Pipeline):
+    """A non-transactional pipeline that survives a Redis restart between loading its Lua
+    scripts and running them: commands answered NoScriptError are re-run once, after the
+    scripts are loaded again. Transactions (MULTI/EXEC) behave as redis-py's own."""
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        if self.transaction or self.explicit_transaction or not self.scripts:
+            return super().execute(raise_on_error)
+        stack, scripts = list(self.command_stack), set(self.scripts)
+        results = super().execute(raise_on_error=False)  # resets the pipeline
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            log.warning(
+                "Redis no longer knows %d of this pipeline's Lua script calls (it restarted and lost its "
+                "script cache); loading the scripts again and re-running those commands", len(missing),
+            )
+            self.command_stack, self.scripts = [stack[i] for i in missing], scripts
+            for i, r in zip(missing, super().execute(raise_on_error=False)):
+                results[i] = r
+        if raise_on_error:
+            self.raise_first_error(stack, results)
+        return results
+
+
+class ResilientRedis(redis.Redis):
+    """``redis.Redis`` whose pipelines reload Lua scripts a restarted server forgot."""
+
+    def pipeline(self, transaction: bool = True, shard_hint=None) -> Pipeline:
+        return ScriptReloadingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
 def redacted_url(url: str) -> str:
@@ -50,7 +93,7 @@ def client_options(cfg: RedisConfig) -> dict:
         "socket_connect_timeout": cfg.socket_timeout_s,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "retry": Retry(
-            ExponentialWithJitterBackoff(base=0.1, cap=5.0),
+            EqualJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S),
             cfg.retries,
             supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, ConnectionResetError),
         ),
@@ -70,7 +113,7 @@ def redis_client(settings: Settings, ping: bool = True) -> redis.Redis:
     fails here, with the address in the message, rather than deep inside a job.
     """
     cfg = settings.redis
-    client = redis.Redis.from_url(cfg.url, **client_options(cfg))
+    client = ResilientRedis.from_url(cfg.url, **client_options(cfg))
     if ping:
         try:
             client.ping()

@@ -4,16 +4,33 @@ Every producer, consumer and admin client of the project comes from here, so the
 settings of ``KafkaConfig`` (SSL, SASL) reach all of them the same way. Passwords are passed to
 kafka-python and never logged; ``describe`` gives a loggable summary.
 
+Producers and consumers wait for the broker at start (``wait_for_broker``): a job started
+while Kafka is down or restarting logs what it waits for, retries with exponential backoff and
+carries on once the broker answers, instead of crashing. Once running, kafka-python itself
+reconnects; the consumer's positions live in Redis, so nothing read before an outage is lost.
+
 Redis clients come from ``jobs.redis_conn.redis_client``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import socket
+import time
+from typing import Any, Callable, TypeVar
 
 from twotower.config import KafkaConfig
 
+log = logging.getLogger(__name__)
+
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+CONNECT_WAIT_S = 600.0
+"""How long a producer or consumer waits at start for the broker before the job fails."""
+BOOTSTRAP_TRY_MS = 10_000
+"""How long one client construction waits for cluster metadata once the broker accepts connections."""
+BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.5, 15.0
+"""Waits between attempts: 0.5, 1, 2, 4 ... seconds, at most 15."""
+T = TypeVar("T")
 
 
 def bootstrap_list(cfg: KafkaConfig) -> list[str]:
@@ -54,18 +71,69 @@ def describe(cfg: KafkaConfig) -> str:
     return f"Kafka at {cfg.bootstrap_servers} ({cfg.security_protocol}{auth})"
 
 
-def make_producer(cfg: KafkaConfig, **overrides: Any):
-    """A KafkaProducer with bytes keys/values; acks=all and idempotent retries by default."""
+def reachable(servers: list[str], timeout_s: float = 3.0) -> tuple[bool, str]:
+    """(True, "") when one of the ``host:port`` servers accepts a TCP connection, else
+    (False, why the last one did not)."""
+    why = "no server configured"
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port or 9092)), timeout=timeout_s):
+                return True, ""
+        except (OSError, ValueError) as exc:
+            why = f"{server}: {type(exc).__name__}: {exc}"
+    return False, why
+
+
+def wait_for_broker(cfg: KafkaConfig, what: str, build: Callable[[], T], wait_s: float = CONNECT_WAIT_S) -> T:
+    """``build()`` (a client constructor) once the broker answers, waiting up to ``wait_s``.
+
+    Until a bootstrap server accepts connections, and while construction finds no broker,
+    logs one warning per attempt (what is waited for, for how long so far) and sleeps with
+    exponential backoff. Raises ConnectionError naming the broker after ``wait_s``.
+    """
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    t0 = time.monotonic()
+    delay, attempt, announced = BACKOFF_FIRST_S, 0, False
+    while True:
+        attempt += 1
+        up, why = reachable(bootstrap_list(cfg))
+        if up:
+            try:
+                client = build()
+                if announced:
+                    log.info("%s: the Kafka broker answers again after %.0fs; carrying on", what, time.monotonic() - t0)
+                return client
+            except (KafkaTimeoutError, KafkaConnectionError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+        waited = time.monotonic() - t0
+        if waited >= wait_s:
+            raise ConnectionError(f"{what}: no Kafka broker answered at {describe(cfg)} within {wait_s:.0f}s ({why})")
+        pause = min(delay, wait_s - waited)
+        log.warning(
+            "%s is waiting for the Kafka broker: %s does not answer (%s); attempt %d, waited %.0fs of at most %.0fs, "
+            "next try in %.1fs", what, describe(cfg), why, attempt, waited, wait_s, pause,
+        )  # fmt: skip
+        announced = True
+        time.sleep(pause)
+        delay = min(delay * 2, BACKOFF_CAP_S)
+
+
+def make_producer(cfg: KafkaConfig, wait_s: float = CONNECT_WAIT_S, **overrides: Any):
+    """A KafkaProducer with bytes keys/values; acks=all and idempotent retries by default.
+    Waits up to ``wait_s`` for the broker (``wait_for_broker``)."""
     from kafka import KafkaProducer
 
-    options = {"acks": "all", "retries": 5, "linger_ms": 5, **common_options(cfg), **overrides}
-    return KafkaProducer(**options)
+    options = {"acks": "all", "retries": 5, "linger_ms": 5, "bootstrap_timeout_ms": BOOTSTRAP_TRY_MS, **common_options(cfg), **overrides}
+    return wait_for_broker(cfg, "Kafka producer", lambda: KafkaProducer(**options), wait_s)
 
 
-def make_consumer(cfg: KafkaConfig, *topics: str, **overrides: Any):
+def make_consumer(cfg: KafkaConfig, *topics: str, wait_s: float = CONNECT_WAIT_S, **overrides: Any):
     """A KafkaConsumer (no auto commit, earliest reset) optionally subscribed to ``topics``.
 
-    Group timeouts follow ``cfg.session_timeout_ms`` (heartbeat at a third of it).
+    Group timeouts follow ``cfg.session_timeout_ms`` (heartbeat at a third of it). Waits up to
+    ``wait_s`` for the broker (``wait_for_broker``).
     """
     from kafka import KafkaConsumer
 
@@ -74,12 +142,14 @@ def make_consumer(cfg: KafkaConfig, *topics: str, **overrides: Any):
         "auto_offset_reset": "earliest",
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": max(100, cfg.session_timeout_ms // 3),
+        "bootstrap_timeout_ms": BOOTSTRAP_TRY_MS,
         **common_options(cfg),
         **overrides,
     }
     # kafka-python insists that a request outlives a session.
     options["request_timeout_ms"] = max(options["request_timeout_ms"], options["session_timeout_ms"] + 5000)
-    return KafkaConsumer(*topics, **options)
+    what = f"Kafka consumer (group {options.get('group_id')})" if options.get("group_id") else "Kafka consumer"
+    return wait_for_broker(cfg, what, lambda: KafkaConsumer(*topics, **options), wait_s)
 
 
 def make_admin(cfg: KafkaConfig, **overrides: Any):
