@@ -2,7 +2,8 @@
 
     item_embeddings.npy rows 1..n_items (unit norm, ids = item_idx)
         -> candidates from jobs.index_params (IVF-PQ first; honest fallbacks for tiny corpora)
-        -> train + add on the GPU when Faiss sees one (index_cpu_to_gpu), else on the CPU;
+        -> train (on a seeded sample of nlist x ``index.train_points_per_list`` vectors) + add
+           on the GPU when Faiss sees one (index_cpu_to_gpu), else on the CPU;
            the index is moved back with index_gpu_to_cpu before anything else happens
         -> nprobe raised until ANN recall@100 against exact inner-product search reaches
            ``index.target_recall`` on sampled queries (on the CPU index serving loads, so the
@@ -32,7 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from jobs.index_params import GPU_MAX_K, IndexPlan, choose_device, nprobe_schedule, plan_candidates, search_k
+from jobs.index_params import GPU_MAX_K, MIN_POINTS_PER_CENTROID, IndexPlan, choose_device, nprobe_schedule, plan_candidates, search_k
 from twotower.config import IndexConfig, Settings
 from twotower.contracts import ARTIFACT_FILES
 
@@ -87,6 +88,31 @@ def set_nprobe(index: Any, nprobe: int) -> None:
 # --- build --------------------------------------------------------------------------------------
 
 
+def training_size(n: int, plan: IndexPlan, cfg: IndexConfig) -> int:
+    """How many of the ``n`` vectors the index trains on: ``nlist x index.train_points_per_list``
+    (every vector when that is more, when the setting is 0, and for Flat).
+
+    The per-list count is raised to MIN_POINTS_PER_CENTROID (k-means quality) and the sample to
+    the PQ codebook need (2^nbits x MIN_POINTS_PER_CENTROID), so a sample never starves either.
+    """
+    per_list = cfg.train_points_per_list
+    if per_list <= 0 or not plan.is_ivf:
+        return n
+    size = plan.nlist * max(per_list, MIN_POINTS_PER_CENTROID)
+    if plan.type == "IVF-PQ":
+        size = max(size, (1 << plan.nbits) * MIN_POINTS_PER_CENTROID)
+    return min(n, size)
+
+
+def training_rows(n: int, plan: IndexPlan, cfg: IndexConfig) -> np.ndarray | slice:
+    """Rows the index trains on: all (a slice) or a sorted sample of ``training_size`` drawn with
+    ``index.seed`` (the same rows in every run, so builds stay deterministic)."""
+    size = training_size(n, plan, cfg)
+    if size >= n:
+        return slice(None)
+    return np.sort(np.random.default_rng(cfg.seed).choice(n, size=size, replace=False))
+
+
 def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, cfg: IndexConfig) -> tuple[Any, str]:
     """A filled CPU index of ``plan`` and the device it was trained on (one path, placement aside)."""
     d = vectors.shape[1]
@@ -101,6 +127,10 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, cfg: I
             # it is most of the training time and changes nothing about recall
             ivfpq.do_polysemous_training = False
     device = choose_device(cfg.use_gpu, faiss.get_num_gpus(), plan)
+    train = vectors[training_rows(len(vectors), plan, cfg)]
+    if len(train) < len(vectors):
+        log.info("index: training %s on a sample of %d of %d vectors (index.train_points_per_list=%d)",
+                 plan.factory, len(train), len(vectors), cfg.train_points_per_list)  # fmt: skip
     if device == "gpu":
         resources = faiss.StandardGpuResources()
         options = faiss.GpuClonerOptions()
@@ -108,7 +138,7 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, cfg: I
         work = faiss.index_cpu_to_gpu(resources, 0, index, options)
     else:
         work = index
-    work.train(vectors)
+    work.train(train)
     work.add_with_ids(vectors, ids)
     if device == "gpu":
         index = faiss.index_gpu_to_cpu(work)
@@ -157,7 +187,7 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
     for plan in plan_candidates(len(vectors), vectors.shape[1]):
         if plan.fallback:
             log.warning("index: %s", plan.fallback)
-        log.info("index: training %s on %d vectors of dimension %d", plan.factory, len(vectors), vectors.shape[1])
+        log.info("index: building %s over %d vectors of dimension %d", plan.factory, len(vectors), vectors.shape[1])
         index, device = _train_and_add(plan, vectors, ids, cfg)
         nprobe, r, trace = tune_nprobe(index, plan, queries, exact_ids, cfg.target_recall)
         built = BuiltIndex(index, plan, nprobe, r, device, trace)
@@ -317,6 +347,7 @@ def build_index(settings: Settings, artifact_dir: Path, prepared_dir: Path | Non
         "dim": int(vectors.shape[1]),
         "device": built.device,
         "build_seconds": build_seconds,
+        "train_vectors": training_size(len(vectors), built.plan, cfg),
         "fallback": built.plan.fallback,
         "queries": query_source,
         "tuning": [{"nprobe": p, "recall_at_100": round(r, 6)} for p, r in built.tuning],
