@@ -67,6 +67,32 @@ class ScriptReloadingPipeline(Pipeline):
         return results
 
 
+class LoggedRetry(Retry):
+    """redis-py's Retry, saying in the log what failed and whether it retries (redis-py retries
+    silently, so an on-call person would otherwise see only a slow job)."""
+
+    def __init__(self, backoff, retries: int, supported_errors: tuple, where: str):
+        super().__init__(backoff, retries, supported_errors)
+        self.where = where
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count: bool = False):
+        failures = 0
+
+        def logged_fail(error: Exception, *count: int) -> None:
+            nonlocal failures
+            failures += 1
+            if failures > self._retries:
+                log.error("Redis at %s: still failing after %d retries (%s: %s); giving up", self.where, self._retries, type(error).__name__, error)
+            else:
+                log.warning(
+                    "Redis at %s did not answer (%s: %s); retry %d of %d with exponential backoff",
+                    self.where, type(error).__name__, error, failures, self._retries,
+                )  # fmt: skip
+            fail(error, *count)
+
+        return super().call_with_retry(do, logged_fail, is_retryable, with_failure_count)
+
+
 class ResilientRedis(redis.Redis):
     """``redis.Redis`` whose pipelines reload Lua scripts a restarted server forgot."""
 
@@ -92,10 +118,11 @@ def client_options(cfg: RedisConfig) -> dict:
         "socket_timeout": cfg.socket_timeout_s,
         "socket_connect_timeout": cfg.socket_timeout_s,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
-        "retry": Retry(
+        "retry": LoggedRetry(
             EqualJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S),
             cfg.retries,
             supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, ConnectionResetError),
+            where=redacted_url(cfg.url),
         ),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
