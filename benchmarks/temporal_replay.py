@@ -160,12 +160,8 @@ def replay_seed(versions, log_, cutoff_ms: int, days: int, long_days: int, inc: 
                 results["e"] = rank_model(versions[day], queries, daily_rows.rows(), live)
             for name, sim in row_sims.items():
                 results[name] = rank_model(sim.version, queries, sim.rows(), live)
-            n_before = len(query_users)
             for name, res in results.items():
-                col = columns.setdefault(name, [])
-                if len(col) < n_before:  # a variant that did not score earlier hours
-                    col.append((np.full(n_before - len(col), np.nan), np.full(n_before - len(col), np.nan)))
-                col.append(res)
+                _append_aligned(columns.setdefault(name, []), len(query_users), res)
             query_users += [q.user_id for q in queries]
             query_hours += [hour] * len(queries)
             n_targets += sum(len(q.targets) for q in queries)
@@ -176,10 +172,8 @@ def replay_seed(versions, log_, cutoff_ms: int, days: int, long_days: int, inc: 
             daily_rows.apply_hour(hour)
     scores = {}
     for name, col in columns.items():
-        pad = len(query_users) - sum(len(h) for h, _ in col)
-        hit = np.concatenate([h for h, _ in col] + [np.full(pad, np.nan)])
-        rec = np.concatenate([r for _, r in col] + [np.full(pad, np.nan)])
-        scores[name] = (hit, rec)
+        _append_aligned(col, len(query_users), (np.zeros(0), np.zeros(0)))
+        scores[name] = (np.concatenate([h for h, _ in col]), np.concatenate([r for _, r in col]))
     return {
         "scores": scores,
         "query_users": query_users,
@@ -192,6 +186,15 @@ def replay_seed(versions, log_, cutoff_ms: int, days: int, long_days: int, inc: 
 
 
 METRICS = ("hit@50", "recall@50", "hit@50_new_users", "hit@50_returning_users")
+
+
+def _append_aligned(col: list[tuple[np.ndarray, np.ndarray]], n_before: int, res: tuple[np.ndarray, np.ndarray]) -> None:
+    """Append one hour's (hit, recall) to a variant's column, first padding with NaN the
+    queries of earlier hours the variant did not score, so columns stay aligned by query."""
+    gap = n_before - sum(len(h) for h, _ in col)
+    if gap > 0:
+        col.append((np.full(gap, np.nan), np.full(gap, np.nan)))
+    col.append(res)
 
 
 def seed_metrics(replay: dict[str, Any], new_users: set[str], in_window: np.ndarray) -> dict[str, dict[str, float | None]]:
@@ -227,6 +230,8 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
 def window_summary(per_seed: list[dict[str, dict]], inc_names: list[str]) -> dict[str, Any]:
     """Across seeds: spread of every metric per variant, and (c) - (b) hit@50 per seed. Pure."""
     names = list(per_seed[0])
+    if "b" not in names:  # no query in the window
+        return {"summary": {}, "c_minus_b_hit@50": {}, "c_not_worse_than_b": None, "c_not_worse_than_b_every_seed": None}
     summary = {name: {key: spread([p[name][key] for p in per_seed]) for key in METRICS} for name in names}
     diffs = {name: [p[name]["hit@50"] - p["b"]["hit@50"] for p in per_seed] for name in [*inc_names, "c_oov"] if name in per_seed[0]}
     return {
@@ -317,8 +322,8 @@ def replay_stream(
         }
         w = windows[wname]["summary"]
         log.info(
-            "%s, %d days: hit@50 %s", source.name, wdays,
-            ", ".join(f"{v} {w[v]['hit@50']['mean']:.3f}" for v in w),
+            "%s, %d days, %d queries: hit@50 %s", source.name, wdays, windows[wname]["queries"],
+            ", ".join(f"{v} {_fmt(w[v]['hit@50']['mean'])}" for v in w) or "not measured",
         )  # fmt: skip
     return {
         "stream": source.name,
@@ -412,7 +417,7 @@ def run(
         "product_default_epochs": load_settings().train.epochs,
         "incremental_defaults": _inc_dict(base.incremental),
         "streams": results,
-        "bar_c_not_worse_than_b": all(w["c_not_worse_than_b"] for r in results.values() for w in r["windows"].values()),
+        "bar_c_not_worse_than_b": all(w["c_not_worse_than_b"] is not False for r in results.values() for w in r["windows"].values()),
     }
 
 
@@ -430,6 +435,8 @@ def _fmt_spread(s: dict[str, float | None] | None) -> str:
 
 
 def _verdict(w: dict[str, Any]) -> str:
+    if w["c_not_worse_than_b"] is None:
+        return "not measured: no query in the window"
     d = w["c_minus_b_hit@50"]["c"]
     ok = "yes" if w["c_not_worse_than_b"] else "**no**"
     return f"{ok}, mean difference {d['mean']:+.4f} (per seed " + ", ".join(f"{x:+.4f}" for x in d["per_seed"]) + ")"
@@ -490,7 +497,7 @@ def render(result: dict[str, Any]) -> list[str]:
         others = [k for k in long_["c_minus_b_hit@50"] if k != "c"]
         if others:
             lines += [
-                f"Sweep of the hourly update settings on the same models and queries ({long_['days']} days):",
+                f"Hourly update settings compared on the same models and queries ({long_['days']} days):",
                 "",
                 "| setting | (c) hit@50 (min–max) | (c) − (b) mean | worst seed |",
                 "|---|---|---|---|",
