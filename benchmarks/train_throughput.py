@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ def run(n_events: int = 200_000, epochs: int = 1, seed: int = 7) -> dict[str, An
         "epochs": epochs,
         "rows": rows,
         "ours_over_rechub_by_threads": ratios,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
 
 
@@ -149,7 +151,10 @@ def render(result: dict) -> list[str]:
     for r in result["rows"]:
         lines.append(f"| {labels.get(r['trainer'], r['trainer'])} | {r['threads']} | {r['samples']:,} | {r['seconds']} | {r['samples_per_s']:,} |")
     ratios = ", ".join(f"{t} thread(s): {v}" for t, v in result["ours_over_rechub_by_threads"].items())
-    lines += ["", f"Ours / torch-rechub DSSM samples/s: {ratios}.", ""]
+    lines += ["", f"Ours / torch-rechub DSSM samples/s: {ratios}."]
+    if "load_average" in result:
+        lines.append(f"Load average of the machine (1, 5, 15 min) at the end of the run: {result['load_average']}; other work shared the cores.")
+    lines.append("")
     return lines
 
 
