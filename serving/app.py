@@ -35,23 +35,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from serving import freshness as fr
 from serving.engine import NotReady, VersionFollower
 from serving.metrics import ServingMetrics
-from twotower.config import ServingConfig, Settings
+from serving.recall import user_id_problem
+from twotower.config import Settings
 
 log = logging.getLogger(__name__)
 
 DASHBOARD_HTML = Path(__file__).resolve().parent / "static" / "dashboard.html"
 MAX_HISTORY_HOURS = 7 * 24
-
-
-def user_id_problem(user_id: str, cfg: ServingConfig) -> str | None:
-    """Why ``user_id`` cannot be served, or None. Pure; the stream consumer's id rule."""
-    if user_id.strip() == "":
-        return "user_id is empty"
-    if len(user_id) > cfg.max_user_id_len:
-        return f"user_id has {len(user_id)} characters; at most {cfg.max_user_id_len} are accepted"
-    if user_id != user_id.strip() or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in user_id):
-        return "user_id contains control characters or surrounding blanks"
-    return None
 
 
 class RecallMetricsMiddleware:

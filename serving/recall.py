@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ from jobs.index_params import search_k
 from models.features import FeatureTables, history_tensor, load_feature_tables
 from models.towers import TwoTower, load_model
 from twotower import redis_keys
-from twotower.config import Settings
+from twotower.config import ServingConfig, Settings
 from twotower.contracts import ARTIFACT_FILES
 
 log = logging.getLogger(__name__)
 
-MAX_K = 1000
-MAX_USER_ID_LEN = 256
+VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""What a version name looks like (``20240131-1a2b3c4d``): it is part of Redis keys and paths,
+so braces (hash tags), colons, glob characters, slashes and blanks are never accepted."""
 
 
 class NothingPublished(RuntimeError):
@@ -67,16 +69,35 @@ class RecallResult:
     items: list[tuple[str, float]]  # (item_id, inner-product score), best first
 
 
-def validate_request(user_id: Any, k: Any) -> tuple[str, int]:
-    """Checked (user_id, k); ValueError saying what is wrong otherwise."""
+def user_id_problem(user_id: str, cfg: ServingConfig) -> str | None:
+    """Why ``user_id`` cannot be served, or None. Pure; the rule the stream consumer applies to
+    ids (streaming.events), so every id it accepts can be served."""
+    if user_id.strip() == "":
+        return "user_id is empty"
+    if len(user_id) > cfg.max_user_id_len:
+        return f"user_id has {len(user_id)} characters; at most {cfg.max_user_id_len} are accepted"
+    if user_id != user_id.strip() or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in user_id):
+        return "user_id contains control characters or surrounding blanks"
+    return None
+
+
+def k_problem(k: Any, cfg: ServingConfig) -> str | None:
+    """Why ``k`` is not a candidate count this server answers, or None. Pure."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        return f"k must be an integer between 1 and {cfg.max_k}, got {k!r}"
+    if not 1 <= int(k) <= cfg.max_k:
+        return f"k must be between 1 and {cfg.max_k}, got {k}"
+    return None
+
+
+def validate_request(user_id: Any, k: Any, cfg: ServingConfig) -> tuple[str, int]:
+    """Checked (user_id, k) against ``serving.max_k`` and ``serving.max_user_id_len``;
+    ValueError saying what is wrong otherwise."""
     if not isinstance(user_id, str) or not user_id:
         raise ValueError("user_id must be a non-empty string")
-    if len(user_id) > MAX_USER_ID_LEN:
-        raise ValueError(f"user_id is {len(user_id)} characters long; at most {MAX_USER_ID_LEN} are accepted")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
-    if not 1 <= int(k) <= MAX_K:
-        raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+    problem = user_id_problem(user_id, cfg) or k_problem(k, cfg)
+    if problem:
+        raise ValueError(problem)
     return user_id, int(k)
 
 
@@ -109,7 +130,9 @@ def serving_assets(client: redis.Redis, prefix: str) -> VersionAssets:
     current = client.hget(redis_keys.pointer(prefix), "current")
     if not current:
         raise NothingPublished("no model version is published in Redis yet (run `make run` or the nightly DAG first)")
-    version = current.decode()
+    version = current.decode(errors="replace")
+    if not VERSION_NAME.match(version):
+        raise RuntimeError(f"the pointer names {version[:80]!r}, which is not a version name; refusing to load it")
     raw = client.get(redis_keys.version_meta(prefix, version))
     if raw is None:
         raise RuntimeError(f"the pointer names version {version} but its metadata key is missing")
@@ -170,7 +193,7 @@ def recall_with_info(settings: Settings, user_id: str, k: int, client: redis.Red
     """Top-k for ``user_id`` with the serving version and whether the user was known."""
     from jobs.redis_conn import redis_client
 
-    user_id, k = validate_request(user_id, k)
+    user_id, k = validate_request(user_id, k, settings.serving)
     own = client is None
     client = client or redis_client(settings)
     try:
@@ -190,5 +213,6 @@ def recall_with_info(settings: Settings, user_id: str, k: int, client: redis.Red
 
 
 def recall(settings: Settings, user_id: str, k: int, client: redis.Redis | None = None) -> list[tuple[str, float]]:
-    """Top-``k`` (item_id, score) for ``user_id`` (1 <= k <= 1000, id <= 256 characters)."""
+    """Top-``k`` (item_id, score) for ``user_id`` (1 <= k <= ``serving.max_k``, an id of at most
+    ``serving.max_user_id_len`` characters)."""
     return recall_with_info(settings, user_id, k, client).items

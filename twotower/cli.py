@@ -24,33 +24,68 @@ from twotower.logs import setup_logging
 log = logging.getLogger("twotower")
 
 
+FIRST_DAY, LAST_DAY = dt.date(1990, 1, 1), dt.date(2099, 12, 31)
+"""Logical dates outside the range events may have (streaming.events) are typing mistakes."""
+
+
 def _date_arg(text: str) -> dt.date:
     try:
-        return parse_day(text)
+        day = parse_day(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise argparse.ArgumentTypeError(f"date {day} is outside {FIRST_DAY}..{LAST_DAY}")
+    return day
 
 
-def _k_arg(text: str) -> int:
+def _int_arg(text: str) -> int:
     try:
-        k = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"k must be an integer, got {text!r}") from None
-    if not 1 <= k <= 1000:
-        raise argparse.ArgumentTypeError(f"k must be between 1 and 1000, got {k}")
-    return k
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+"""What jobs.ingest.ingest_file reads (besides a directory of Parquet files)."""
+
+
+def _data_arg(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r} (give a CSV or Parquet file of user_id,item_id,ts)")
+    if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)} or a Parquet directory")
+    return str(path)
+
+
+def check_args(args: argparse.Namespace, settings: Settings) -> str | None:
+    """What is wrong with arguments that parsed, judged against the settings, or None. Pure."""
+    if args.command == "recall":
+        from serving.recall import k_problem, user_id_problem
+
+        return user_id_problem(args.user, settings.serving) or k_problem(args.k, settings.serving)
+    if args.command == "backfill":
+        if args.date and (args.start or args.end):
+            return "give either --date or --start and --end, not both"
+        if args.end and not args.start and not args.date:
+            return "--end needs --start"
+        if args.date is None and args.start is None:
+            return "backfill needs --date YYYY-MM-DD or --start YYYY-MM-DD [--end YYYY-MM-DD]"
+        if args.start and args.end and args.end < args.start:
+            return f"--end {args.end} is before --start {args.start}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twotower", description="Two-tower recall pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="ingest, nightly retrain, publish, incremental replay, status")
-    run.add_argument("--data", default=None, help="CSV/Parquet interactions file (default: MovieLens-100K, else synthetic)")
+    run.add_argument("--data", type=_data_arg, default=None, help="CSV/Parquet interactions file (default: MovieLens-100K, else synthetic)")
     run.add_argument("--date", type=_date_arg, default=None, help="logical date D (default: derived from the data)")
     sub.add_parser("status", help="print the freshness/status JSON (last line)")
     rec = sub.add_parser("recall", help="top-k items for a user, from Redis + the artifact directory")
     rec.add_argument("--user", required=True)
-    rec.add_argument("--k", type=_k_arg, default=10)
+    rec.add_argument("--k", type=_int_arg, default=10, help="candidates, 1..serving.max_k")
     sub.add_parser("quality", help="MovieLens-100K quality under the DESIGN §9 protocol")
     bf = sub.add_parser("backfill", help="reprocess days through the nightly DAG code")
     bf.add_argument("--date", type=_date_arg, default=None)
@@ -63,13 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging()
     try:
         settings = load_settings()
     except ValueError as exc:
         log.error("configuration error: %s", exc)
         return 2
+    problem = check_args(args, settings)
+    if problem:
+        parser.error(problem)  # usage and the problem on stderr, exit status 2
     if args.command == "run":
         from jobs.main import run_main
 
@@ -114,17 +153,8 @@ def _print_status(settings: Settings) -> int:
 
 
 def _backfill(settings: Settings, args: argparse.Namespace) -> int:
-    if args.date and (args.start or args.end):
-        log.error("give either DATE or START and END, not both")
-        return 2
     start = args.date or args.start
     end = args.date or args.end or args.start
-    if start is None:
-        log.error("backfill needs DATE=YYYY-MM-DD or START=... END=...")
-        return 2
-    if end < start:
-        log.error("END (%s) is before START (%s)", end, start)
-        return 2
     from jobs.backfill import backfill
 
     if not any(settings.paths.raw_dir.glob("dt=*")):

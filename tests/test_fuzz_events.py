@@ -1,0 +1,188 @@
+"""Property-based fuzz of the event parser (streaming.events.parse_event) beyond the contract-
+shaped fuzz of test_stream_events: byte-level mutations of valid events, field-level mutations
+(any JSON value in any field, fields dropped, duplicated, padded), arbitrary JSON documents and
+pathological nesting. Whatever comes in, the parser returns an Event or a Rejection with a known
+reason, the same answer twice, and a dead-letter record can always be built from it.
+
+Then every malformed class the parser knows is sent through the real broker to the real
+consumer: each record ends in the dead-letter topic once, with its reason in the value and the
+headers, while the valid events around them are applied."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from streaming.events import REASONS, Event, Rejection, dead_letter_headers, dead_letter_value, encode_event, parse_event
+from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 - fixtures
+
+TS = 1_709_251_200_000  # 2024-03-01T00:00Z
+VALID = Event("e-1", "u1", "i1", "click", TS, 1.0)
+FIELDS = ("event_id", "user_id", "item_id", "event_type", "ts", "weight")
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=5), max_leaves=15)
+record_ts = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63 - 1))
+keys = st.one_of(st.none(), st.binary(max_size=20), st.just(b"u1"))
+
+
+def check(result, value: bytes | None) -> None:
+    """The parser's contract, whatever the input."""
+    assert isinstance(result, (Event, Rejection))
+    if isinstance(result, Rejection):
+        assert result.code in REASONS and result.code != "unknown_item" and result.message
+        record = json.loads(dead_letter_value(value, result, "t/0@1"))  # always buildable, always JSON
+        assert record["reason"] == result.code
+        raw = value or b""
+        kept = record["payload"].encode("utf-8") if "payload" in record else base64.b64decode(record["payload_base64"])
+        assert kept == raw  # the original bytes survive into the dead letter
+        assert dict(dead_letter_headers(result, "t", 0, 1))["reason"] == result.code.encode()
+    else:
+        assert 631_152_000_000 <= result.ts < 4_102_444_800_000 and isinstance(result.ts, int)
+        assert 0 <= result.weight <= 10_000
+        for name in ("event_id", "user_id", "item_id"):
+            getattr(result, name).encode("utf-8")  # a Redis key can hold it
+            assert "\t" not in getattr(result, name)
+        assert parse_event(encode_event(result), result.user_id.encode(), None) == result  # round trip
+
+
+def parse_twice(value, key, ts):
+    first = parse_event(value, key, ts)
+    assert parse_event(value, key, ts) == first  # deterministic: a replay judges a record the same way
+    return first
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_byte_mutations_of_valid_events(data):
+    raw = bytearray(encode_event(VALID))
+    for _ in range(data.draw(st.integers(1, 6))):
+        op = data.draw(st.sampled_from(["flip", "insert", "delete", "replace"]))
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if op == "flip" and raw:
+            raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "insert":
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete" and raw:
+            del raw[at : at + data.draw(st.integers(1, 8))]
+        elif raw:
+            raw[at] = data.draw(st.integers(0, 255))
+    value = bytes(raw)
+    check(parse_twice(value, data.draw(keys), data.draw(record_ts)), value)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.data())
+def test_field_mutations_of_valid_events(data):
+    obj = json.loads(encode_event(VALID))
+    for name in data.draw(st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3, unique=True)):
+        how = data.draw(st.sampled_from(["value", "drop", "null"]))
+        if how == "drop":
+            obj.pop(name)
+        else:
+            obj[name] = None if how == "null" else data.draw(json_values)
+    text = json.dumps(obj, allow_nan=True, ensure_ascii=data.draw(st.booleans()))
+    if data.draw(st.booleans()):  # a duplicated key, the second value differing
+        text = text[:-1] + f',"{data.draw(st.sampled_from(FIELDS))}":{json.dumps(data.draw(json_values), allow_nan=True)}' + "}"
+    value = text.encode("utf-8", "surrogatepass")
+    check(parse_twice(value, data.draw(keys), data.draw(record_ts)), value)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(json_values, keys, record_ts)
+def test_arbitrary_json_documents(doc, key, ts):
+    value = json.dumps(doc, allow_nan=True).encode("utf-8", "surrogatepass")
+    check(parse_twice(value, key, ts), value)
+
+
+@pytest.mark.parametrize("value", [
+    b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the recursion limit
+    b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    b"\x00" * 1000,
+    b"\xef\xbb\xbf" + encode_event(VALID),  # a UTF-8 byte-order mark
+    encode_event(VALID) + b" \n\t",  # trailing blanks are still one JSON value
+    encode_event(VALID) + b"{}",  # two JSON values
+    b'{"event_id":"e","user_id":"u1","item_id":"i","event_type":"click","ts":1e400}',
+    b'{"event_id":"e","user_id":"u1","item_id":"i","event_type":"click","ts":-1709251200000}',
+    b'{"event_id":"e","user_id":"u1","item_id":"i","event_type":"click","ts":1709251200000,"weight":1e400}',
+])
+def test_pathological_values(value):
+    check(parse_twice(value, b"u1", TS), value)
+
+
+# --- every malformed class through the real broker and consumer ----------------------------------------
+
+GOOD = {"event_id": "ok", "user_id": "u1", "item_id": "i1", "event_type": "click", "ts": TS + 60_000, "weight": 1.0}
+
+
+def bad(**changes) -> bytes:
+    obj = dict(GOOD)
+    for k, v in changes.items():
+        if v is ...:
+            obj.pop(k)
+        else:
+            obj[k] = v
+    return json.dumps(obj).encode()
+
+
+# (reason, key, value, record timestamp): one record per rejection class the parser has
+MALFORMED = [
+    ("empty_payload", b"u1", b"", TS),
+    ("payload_too_large", b"u1", bad(pad="x" * 70_000), TS),
+    ("not_utf8", b"u1", b'{"event_id":"\xff\xfe"}', TS),
+    ("not_json", b"u1", b'{"event_id": "e1", ', TS),
+    ("not_object", b"u1", b'["e1","u1"]', TS),
+    ("duplicate_field", b"u1", b'{"event_id":"d","user_id":"u1","user_id":"u2","item_id":"i1","event_type":"click","ts":1709251260000}', TS),
+    ("missing_field", b"u1", bad(item_id=...), TS),
+    ("wrong_type", b"u1", bad(item_id=7), TS),
+    ("empty_id", b"u1", bad(event_id="  "), TS),
+    ("id_too_long", b"u1", bad(item_id="i" * 300), TS),
+    ("id_bad_characters", b"u1", bad(item_id="i1\tx"), TS),
+    ("bad_ts", b"u1", bad(ts="soon"), TS),
+    ("ts_out_of_range", b"u1", bad(ts=1_709_251_260), TS),  # epoch seconds
+    ("ts_after_send_time", b"u1", bad(ts=TS + 3 * 3_600_000), TS),
+    ("bad_weight", b"u1", bad(weight=-2), TS),
+    ("bad_event_type", b"u1", bad(event_type="add to cart!"), TS),
+    ("missing_key", None, bad(), TS),
+    ("key_mismatch", b"u2", bad(), TS),
+]
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+def test_every_malformed_class_lands_in_the_dead_letter_topic_with_its_reason(kafka_settings, redis_client, tmp_path):
+    from streaming.clients import make_consumer
+    from streaming.consumer import run_bounded
+    from tests.kafka_fixtures import Record, partition_of, produce, publish_tiny, write_tiny_artifact
+
+    assert len({reason for reason, *_ in MALFORMED}) >= 12
+    assert {reason for reason, *_ in MALFORMED} == set(REASONS) - {"unknown_item"}  # every class the parser has
+    s = kafka_settings
+    publish_tiny(redis_client, s.redis.prefix, write_tiny_artifact(tmp_path / "artifacts", "v1", TS))
+    records = []
+    for n, (_, key, value, ts) in enumerate(MALFORMED):
+        good = encode_event(Event(f"good-{n}", "u1", "i2", "click", ts + n * 1000, 1.0))
+        records += [Record(b"u1", good, ts + n * 1000), Record(key, value, ts)]
+    tail = TS + 3 * 3_600_000  # one later event on every partition closes the first hour
+    owners = {partition_of(f"u{u}", s.kafka.partitions): f"u{u}" for u in range(50, 0, -1)}
+    assert len(owners) == s.kafka.partitions
+    records += [Record(u.encode(), encode_event(Event(f"tail-{p}", u, "i1", "click", tail, 1.0)), tail) for p, u in owners.items()]
+    produce(s, records)
+
+    report = run_bounded(s)
+    assert report["status"] == "ok" and report["dead_letters"] == len(MALFORMED)
+    assert report["events_applied"] == len(MALFORMED)  # the valid events between them were applied
+    dlq = make_consumer(s.kafka, s.kafka.dead_letter_topic, group_id=None, consumer_timeout_ms=3000)
+    got = list(dlq)
+    dlq.close()
+    assert sorted(json.loads(r.value)["reason"] for r in got) == sorted(reason for reason, *_ in MALFORMED)
+    by_reason = {json.loads(r.value)["reason"]: r for r in got}
+    for reason, key, value, _ in MALFORMED:
+        r = by_reason[reason]
+        body = json.loads(r.value)
+        assert dict(r.headers)["reason"] == reason.encode() and body["message"]
+        kept = body["payload"].encode() if "payload" in body else base64.b64decode(body["payload_base64"])
+        assert kept == value and r.key == key
