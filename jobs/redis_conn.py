@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import EqualJitterBackoff
 from redis.client import Pipeline
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -78,6 +79,10 @@ class LoggedRetry(Retry):
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count: bool = False):
         failures = 0
 
+        def retryable(error: Exception) -> bool:
+            # redis-py's AuthenticationError is a ConnectionError, but a wrong password stays wrong
+            return not isinstance(error, AuthenticationError) and (is_retryable is None or is_retryable(error))
+
         def logged_fail(error: Exception, *count: int) -> None:
             nonlocal failures
             failures += 1
@@ -90,7 +95,7 @@ class LoggedRetry(Retry):
                 )  # fmt: skip
             fail(error, *count)
 
-        return super().call_with_retry(do, logged_fail, is_retryable, with_failure_count)
+        return super().call_with_retry(do, logged_fail, retryable, with_failure_count)
 
 
 class ResilientRedis(redis.Redis):
@@ -144,6 +149,12 @@ def redis_client(settings: Settings, ping: bool = True) -> redis.Redis:
     if ping:
         try:
             client.ping()
+        except AuthenticationError as exc:
+            client.close()
+            raise ConnectionError(
+                f"Redis at {redacted_url(cfg.url)} refused the credentials ({exc}); check the password in "
+                "REDIS_URL or TT_REDIS_PASSWORD"
+            ) from exc
         except redis.RedisError as exc:
             client.close()
             raise ConnectionError(
