@@ -120,6 +120,41 @@ def wait_for_broker(cfg: KafkaConfig, what: str, build: Callable[[], T], wait_s:
         delay = min(delay * 2, BACKOFF_CAP_S)
 
 
+class BrokerWatch:
+    """Says in the log, in words, when the Kafka broker stops answering and when it is back.
+
+    kafka-python reconnects on its own but reports an outage as dozens of low-level lines a
+    second; a long-running client calls ``check()`` in its loop instead (a TCP probe of the
+    bootstrap servers at most every ``every_s`` seconds, so it costs nothing).
+    """
+
+    def __init__(self, cfg: KafkaConfig, what: str, every_s: float = 5.0, remind_s: float = 60.0):
+        self.cfg, self.what, self.every_s, self.remind_s = cfg, what, every_s, remind_s
+        self.down_since: float | None = None
+        self._last_check = self._last_report = float("-inf")
+
+    def check(self, now: float | None = None) -> bool:
+        """Probe (rate-limited) and log a change; returns whether the broker answered last."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_check < self.every_s:
+            return self.down_since is None
+        self._last_check = now
+        up, why = reachable(bootstrap_list(self.cfg), timeout_s=1.0)
+        if up and self.down_since is not None:
+            log.info("%s: the Kafka broker answers again after %.0fs; carrying on from where it was", self.what, now - self.down_since)
+            self.down_since = None
+        elif not up and self.down_since is None:
+            self.down_since = self._last_report = now
+            log.warning(
+                "%s lost the Kafka broker: %s does not answer (%s); reconnecting with backoff. Nothing read so far "
+                "is lost: positions are stored in Redis", self.what, describe(self.cfg), why,
+            )  # fmt: skip
+        elif not up and now - self._last_report >= self.remind_s:
+            self._last_report = now
+            log.warning("%s: still no Kafka broker at %s after %.0fs (%s)", self.what, describe(self.cfg), now - self.down_since, why)
+        return self.down_since is None
+
+
 def make_producer(cfg: KafkaConfig, wait_s: float = CONNECT_WAIT_S, **overrides: Any):
     """A KafkaProducer with bytes keys/values; acks=all and idempotent retries by default.
     Waits up to ``wait_s`` for the broker (``wait_for_broker``)."""

@@ -110,6 +110,10 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, set()
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the other thread
+            except OSError:
+                pass
             listener.close()
         for c in conns:
             try:

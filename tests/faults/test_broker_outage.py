@@ -70,3 +70,28 @@ def test_consumer_waits_for_the_broker_and_survives_losing_it_mid_stream(proxied
             proc.kill()
             proc.wait()
         cleanup(redis_client, ref.redis.prefix)
+
+
+def test_broker_watch_reports_loss_and_return_in_words(proxied_broker, proxied_settings, caplog):
+    """The helper a long-running client calls in its loop (streaming.clients.BrokerWatch)."""
+    import logging
+
+    from streaming.clients import BrokerWatch
+
+    proxy, _ = proxied_broker
+    caplog.set_level(logging.INFO, logger="streaming.clients")
+    watch = BrokerWatch(proxied_settings.kafka, "incremental consumer", every_s=1.0, remind_s=30.0)
+    proxy.up()
+    assert watch.check(now=0.0) is True and caplog.text == ""
+    proxy.down()
+    assert watch.check(now=0.5) is True  # rate-limited: not probed yet
+    assert watch.check(now=1.0) is False
+    assert watch.check(now=2.0) is False  # one line per outage, not one per probe
+    assert watch.check(now=31.0) is False  # then a reminder
+    proxy.up()
+    assert watch.check(now=40.0) is True
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("incremental consumer lost the Kafka broker") and "positions are stored in Redis" in lines[0]
+    assert "still no Kafka broker" in lines[1] and "after 30s" in lines[1]
+    assert "answers again after 39s" in lines[2]
