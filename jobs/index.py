@@ -43,6 +43,10 @@ RECALL_K = 100
 """Recall is measured as overlap of the top-100 ANN and exact neighbours."""
 QUERY_NOISE_NORM = 0.5
 """Expected norm of the noise added to item vectors when no user queries are available."""
+RECALL_PLATEAU = 0.002
+"""PQ tuning stops below the target when one step of the nprobe schedule gains less recall@100
+than this: the codes, not the probing, limit recall then, and every further step only slows
+search (1M synthetic items: 0.908 at nprobe 192 of 4096, 0.9095 at 2048, which is 10x slower)."""
 
 
 class IndexQualityError(RuntimeError):
@@ -150,7 +154,10 @@ def tune_nprobe(
 ) -> tuple[int, float, list[tuple[int, float]]]:
     """Smallest nprobe on the schedule whose recall@k reaches ``target`` (or the largest tried).
 
-    Returns (nprobe, recall, [(nprobe, recall), ...]). Flat indexes return (0, recall, ...).
+    For IVF-PQ, raising nprobe also stops below the target once a step gains less than
+    RECALL_PLATEAU (the recall the codes allow is reached; IVF-Flat always probes on, since
+    probing every list is exact). Returns (nprobe, recall, [(nprobe, recall), ...]); Flat
+    indexes return (0, recall, ...).
     """
     k = exact_ids.shape[1]
     if not plan.is_ivf:
@@ -165,6 +172,10 @@ def tune_nprobe(
         trace.append((nprobe, r))
         log.info("index %s: nprobe=%d of %d lists gives recall@%d %.4f", plan.factory, nprobe, plan.nlist, k, r)
         if r >= target:
+            break
+        if plan.type == "IVF-PQ" and len(trace) > 1 and r - trace[-2][1] < RECALL_PLATEAU:
+            log.info("index %s: recall@%d has levelled off at %.4f below the target %.2f; nprobe stays at %d",
+                     plan.factory, k, r, target, nprobe)  # fmt: skip
             break
     nprobe, r = trace[-1]
     set_nprobe(index, nprobe)

@@ -121,3 +121,18 @@ def test_ann_metrics_of_a_trained_version_are_merged_into_metrics_json(s):
     assert set(metrics["ann"]) == set(metrics["exact"])
     assert metrics["ann"] == pytest.approx(metrics["exact"])
     assert "baselines" in metrics  # the evaluator's sections are kept
+
+
+def test_pq_tuning_stops_where_recall_levels_off(s, tmp_path):
+    from jobs.index import RECALL_PLATEAU
+
+    vectors = clustered_vectors(10_000, 16, n_clusters=100, seed=6)
+    art = vector_artifact(tmp_path / "v", vectors)
+    unreachable = s.replace("index", target_recall=0.999, recall_floor=0.5)  # 8-bit codes cannot get there
+    meta = build_index(unreachable, art, None)
+    trace = [t["recall_at_100"] for t in meta["tuning"]]
+    assert meta["type"] == "IVF-PQ" and meta["ann_recall_at_100"] < 0.999
+    assert meta["nprobe"] < meta["nlist"]  # it did not probe every list for nothing
+    assert trace[-1] - trace[-2] < RECALL_PLATEAU  # it stopped because the last step gained (almost) nothing
+    assert all(b - a >= RECALL_PLATEAU for a, b in zip(trace[:-2], trace[1:-1]))  # and not before
+    assert meta["nprobe"] == meta["tuning"][-1]["nprobe"]
