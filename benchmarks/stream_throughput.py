@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
 
 
-def raw_consume_rate(settings: Settings, topic: str, expected: int) -> tuple[int, float]:
-    """Read every record of ``topic`` with a plain kafka-python consumer; (records, seconds)."""
+def raw_consume_rate(settings: Settings, topic: str, expected: int) -> tuple[int, float, float]:
+    """Read every record of ``topic`` with a plain kafka-python consumer; (records, wall s, CPU s)."""
     from streaming.clients import make_consumer
 
     consumer = make_consumer(settings.kafka, group_id=None)
@@ -49,7 +50,7 @@ def raw_consume_rate(settings: Settings, topic: str, expected: int) -> tuple[int
 
     consumer.assign([TopicPartition(topic, p) for p in partitions])
     consumer.seek_to_beginning()
-    n, t0, idle_since = 0, time.perf_counter(), None
+    n, t0, c0, idle_since = 0, time.perf_counter(), time.process_time(), None
     while n < expected:
         batch = consumer.poll(timeout_ms=500, max_records=5000)
         got = sum(len(v) for v in batch.values())
@@ -60,9 +61,9 @@ def raw_consume_rate(settings: Settings, topic: str, expected: int) -> tuple[int
                 break  # the topic holds fewer records than expected; report what was read
         else:
             idle_since = None
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     consumer.close()
-    return n, seconds
+    return n, seconds, cpu
 
 
 def run(n_events: int = 100_000, days: int = 10) -> dict[str, Any]:
@@ -93,10 +94,10 @@ def run(n_events: int = 100_000, days: int = 10) -> dict[str, Any]:
         admin.close()
         start_ms = day_start_ms(cutoff_day + dt.timedelta(days=1))
         rep = replay(settings, start_ms, day_start_ms(spec.end_day + dt.timedelta(days=1)))
-        raw_n, raw_s = raw_consume_rate(settings, settings.kafka.topic, rep.events)
-        t0 = time.perf_counter()
+        raw_n, raw_s, raw_cpu = raw_consume_rate(settings, settings.kafka.topic, rep.events)
+        t0, c0 = time.perf_counter(), time.process_time()
         report = run_bounded(settings)
-        e2e_s = time.perf_counter() - t0
+        e2e_s, e2e_cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         shutil.rmtree(state, ignore_errors=True)
         _drop_prefix(settings)
@@ -109,18 +110,48 @@ def run(n_events: int = 100_000, days: int = 10) -> dict[str, Any]:
         "machine": machine(),
         "events_replayed": rep.events,
         "version": nightly.version,
-        "raw_consume": {"records": raw_n, "seconds": round(raw_s, 2), "events_per_s": round(raw_rate)},
+        "workload": {
+            "spec": asdict(spec) | {"end_day": spec.end_day.isoformat()},
+            "replayed_days": days,
+            "events_per_user_hour": round(report["events_applied"] / max(1, report["users_updated"]), 2),
+            "negatives": settings.incremental.negatives,
+            "steps": settings.incremental.steps,
+            "torch_threads": settings.incremental.threads,
+        },
+        "raw_consume": {"records": raw_n, "seconds": round(raw_s, 2), "cpu_seconds": round(raw_cpu, 2), "events_per_s": round(raw_rate)},
         "end_to_end": {
             "records_read": report["records_read"],
             "hours_applied": report["hours_applied"],
             "users_updated": report["users_updated"],
             "events_applied": report["events_applied"],
             "seconds": round(e2e_s, 2),
+            "cpu_seconds": round(e2e_cpu, 2),
             "events_per_s": round(e2e_rate),
         },
+        "cpu_ratio_raw_to_end_to_end": round(raw_cpu / e2e_cpu, 3) if e2e_cpu else None,
         "ratio_end_to_end_to_raw": round(e2e_rate / raw_rate, 3) if raw_rate else None,
         "target_ratio": 0.5,
     }
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """RESULTS.md section (see benchmarks.run)."""
+    raw, e2e, w = result["raw_consume"], result["end_to_end"], result.get("workload", {})
+    spec = w.get("spec", {})
+    return [
+        f"Synthetic stream ({spec.get('n_users', '?')} users, {spec.get('n_items', '?')} items, seed {spec.get('seed', '?')}): "
+        f"{result['events_replayed']} events over {w.get('replayed_days', '?')} replayed days, "
+        f"{w.get('events_per_user_hour', '?')} events per user-hour; update: {w.get('steps', '?')} steps, "
+        f"{w.get('negatives', '?')} sampled negatives, {w.get('torch_threads', '?')} torch thread(s).",
+        "",
+        "| path | records | wall s | CPU s | events/s |",
+        "|---|---|---|---|---|",
+        f"| raw kafka-python consume (same client settings, same topic) | {raw['records']} | {raw['seconds']} | {raw.get('cpu_seconds', '-')} | {raw['events_per_s']} |",
+        f"| end to end: incremental consumer, bounded mode, Kafka -> user rows in Redis | {e2e['records_read']} | {e2e['seconds']} | {e2e.get('cpu_seconds', '-')} | {e2e['events_per_s']} |",
+        "",
+        f"End-to-end / raw events/s: **{result['ratio_end_to_end_to_raw']}** (target {result['target_ratio']}); "
+        f"{e2e['hours_applied']} hours applied, {e2e['users_updated']} user rows updated.",
+    ]
 
 
 def _drop_prefix(settings: Settings) -> None:

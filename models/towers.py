@@ -128,6 +128,21 @@ class TwoTower(nn.Module):
         """User vectors ``[B, d]`` (unit norm) from ID rows ``[B, e]`` and ``user_context`` ``[B, c]``."""
         return F.normalize(self.user_mlp(torch.cat([id_rows, context], dim=-1)), dim=-1)
 
+    def user_row_map(self, context: torch.Tensor):
+        """For a fixed ``context[B, c]``: the function ``id_rows[B, e] -> user vectors [B, d]``
+        (eval mode), with the context's share of the first layer computed once. The hourly
+        update calls it every step, where only the rows move. Equal to
+        ``user_vectors_from_context`` up to float rounding (the first layer's sum is split)."""
+        first, act, _dropout, last = self.user_mlp
+        e = self.user_id_embedding.weight.shape[1]
+        w_row = first.weight[:, :e]
+        context_pre = F.linear(context, first.weight[:, e:], first.bias)
+
+        def user_vectors(id_rows: torch.Tensor) -> torch.Tensor:
+            return F.normalize(last(act(F.linear(id_rows, w_row) + context_pre)), dim=-1)
+
+        return user_vectors
+
     def user_vectors(self, user_idx: torch.Tensor, user_attrs: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """User vectors ``[B, d]`` (unit norm) for vocabulary indices ``user_idx[B]`` (0 = unknown user)."""
         return self.user_vectors_from_rows(self.user_id_embedding(user_idx), user_attrs, hist)

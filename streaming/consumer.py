@@ -8,6 +8,13 @@ its users' rows. Loop (DESIGN §10): poll -> validate (bad records to the dead-l
 buffer by event-time hour -> apply every hour the watermark has closed (streaming.hour) ->
 store the checkpoint -> commit offsets.
 
+Two threads, so that the second core is not idle: this one owns the Kafka client (poll, parse,
+buffer, positions, commits: kafka-python's consumer is not thread-safe), and one "applier"
+thread writes the closed hours (Redis reads, the update's tensor work, Redis writes), in order,
+while the next records are polled and parsed. Closed hours go to the applier in batches (up to
+MAX_HOURS_PER_BATCH); positions are stored when a batch is written, so a backlog costs one
+checkpoint per batch, not per hour.
+
 Exactly-once effect: how a kill -9 at any point leaves Redis as an uninterrupted run would
 -------------------------------------------------------------------------------------------
 1. The content of an hour is a function of the log only. Lateness is judged per partition from
@@ -30,6 +37,10 @@ Exactly-once effect: how a kill -9 at any point leaves Redis as an uninterrupted
    same decisions. Kafka offsets are committed to the same positions afterwards, for lag tools
    only (a commit refused during a rebalance is logged and retried at the next checkpoint).
    A kill between (3) and the checkpoint re-reads the hour, recomputes, and writes nothing new.
+   The positions for a batch of hours are taken when the hours are closed (records read later
+   only ever come after them) and stored after the applier has written the whole batch; a
+   restart may therefore redo several hours, which (3) makes harmless, and a replayed user is
+   classified as in the first attempt (streaming.hour, row field ``f``).
 
 Version switch: when the Redis pointer moves, the consumer loads the new version and starts its
 rows from the version's data cutoff: from the latest stored snapshot of each partition taken
@@ -51,12 +62,13 @@ import logging
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from streaming.events import Limits, Rejection, dead_letter_headers, dead_letter_value, parse_event
 from streaming.faults import crash_point
-from streaming.hour import apply_hour
+from streaming.hour import HourResult, apply_hour
 from streaming.state import StreamState
 from streaming.version import LoadedVersion, load_version
 from streaming.windows import (
@@ -76,6 +88,8 @@ log = logging.getLogger("streaming.consumer")
 BOUNDED, CONTINUOUS = "bounded", "continuous"
 PROGRESS_EVERY_S = 30.0
 VERSION_CHECK_EVERY_S = 2.0
+MAX_HOURS_PER_BATCH = 24
+"""Closed hours handed to the applier at once; positions are stored after each batch."""
 
 
 def iso(ms: int | None) -> str:
@@ -152,6 +166,9 @@ class IncrementalConsumer:
         self._last_version_check = 0.0
         self._last_progress = time.monotonic()
         self._dlq_pending = False
+        self._applier: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
+        self._inflight_positions: dict[int, Checkpoint] = {}
 
     # --- partitions -----------------------------------------------------------------------
 
@@ -161,7 +178,10 @@ class IncrementalConsumer:
         return TopicPartition(self.topic, partition)
 
     def on_revoked(self, revoked) -> None:
-        """Forget revoked partitions: their state is in Redis and the next owner resumes there."""
+        """Forget revoked partitions: their state is in Redis and the next owner resumes there.
+        Hours in flight are finished and their positions stored first, so the next owner does
+        not redo them (redoing would be harmless, only slower)."""
+        self._collect()
         for tp in revoked:
             self.pending.discard(tp.partition)
             self.trackers.pop(tp.partition, None)
@@ -316,52 +336,99 @@ class IncrementalConsumer:
                 idle.add(p)
         return idle
 
-    def _apply_closable(self) -> None:
-        while not self.stop_requested:
-            if self._version_moved():
-                self._switch_version()
-                return
-            trackers = list(self.trackers.values())
-            idle = self._idle_partitions()
+    def _submit_closable(self) -> None:
+        """Close every hour the watermark has passed and hand them, in order, to the applier
+        thread, which writes them while this thread polls and parses the next records.
+
+        The positions to store once they are written are taken now, right after the hours were
+        taken out of the buffers: they say "these hours applied, everything after them still to
+        read", and records ingested meanwhile only ever come after them.
+        """
+        if self._inflight is not None or self.stop_requested:
+            return
+        if self._version_moved():
+            self._switch_version()
+            return
+        trackers = list(self.trackers.values())
+        idle = self._idle_partitions()
+        hours: list[tuple[int, list]] = []
+        while len(hours) < MAX_HOURS_PER_BATCH:
             hour = next_closable(trackers, self.lateness_ms, idle)
             if hour is None:
-                return
-            self._apply(hour, close_window(trackers, hour, idle))
+                break
+            hours.append((hour, close_window(trackers, hour, idle)))
+        if not hours:
+            return
+        self._inflight_positions = {p: t.checkpoint() for p, t in self.trackers.items()}
+        if self._applier is None:
+            self._applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hour-applier")
+        self._inflight = self._applier.submit(self._apply_hours, self.version, hours)
 
-    def _apply(self, hour: int, buffered) -> None:
+    def _drain_closable(self) -> None:
+        """Apply every closable hour now, batch after batch (the end of a bounded run)."""
+        while True:
+            self._collect()
+            self._submit_closable()
+            if self._inflight is None:
+                return
+
+    def _apply_hours(self, version: LoadedVersion, hours: list[tuple[int, list]]) -> list[HourResult]:
+        """Applier thread: write the hours one after the other (each reads what the previous wrote)."""
+        results = []
+        for hour, buffered in hours:
+            result = apply_hour(self.state, version, hour, buffered, self.cfg)
+            crash_point("after_rows")
+            self.state.record_window(version.version, hour, result.per_partition)
+            log.info(
+                "hour %s applied to version %s: %d users updated (%d new, %d rows written now), %d events, "
+                "%d on unknown items, %d users history only, %.2fs (read %.2fs, update %.2fs, write %.2fs)",
+                iso(hour), version.version, result.users_updated, result.new_users, result.rows_written,
+                result.events_applied, result.unknown_items, result.history_only, result.seconds,
+                result.read_s, result.compute_s, result.write_s,
+            )
+            results.append(result)
+        return results
+
+    def _collect(self) -> None:
+        """Wait for the hours in flight (an applier error is raised here, before anything claims
+        them done), account for them and store the positions taken when they closed."""
+        if self._inflight is None:
+            return
+        future, self._inflight = self._inflight, None
+        results = future.result()
         assert self.version is not None
-        result = apply_hour(self.state, self.version, hour, buffered, self.cfg)
-        crash_point("after_rows")
-        self.state.record_window(self.version.version, hour, result.per_partition)
+        for result in results:
+            self._account(result)
+        positions = {p: c for p, c in self._inflight_positions.items() if p in self.trackers}
+        self._store_positions(positions, published=True)
+
+    def _account(self, result: HourResult) -> None:
         self.report.hours_applied += 1
         self.report.users_updated += result.users_updated
         self.report.rows_written += result.rows_written
         self.report.events_applied += result.events_applied
         self.report.new_users += result.new_users
-        log.info(
-            "hour %s applied to version %s: %d users updated (%d new, %d rows written now), %d events, "
-            "%d on unknown items, %d users history only, %.2fs (read %.2fs, update %.2fs, write %.2fs)",
-            iso(hour), self.version.version, result.users_updated, result.new_users, result.rows_written,
-            result.events_applied, result.unknown_items, result.history_only, result.seconds,
-            result.read_s, result.compute_s, result.write_s,
-        )
-        self._checkpoint(published=True)
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def _checkpoint(self, published: bool = False) -> None:
-        """Store every owned partition's resume point, then commit the same offsets to Kafka."""
+    def _checkpoint(self) -> None:
+        """Store every owned partition's current resume point (after the hours in flight are
+        written: only then does the trackers' state describe what Redis holds)."""
+        self._collect()
+        self._store_positions({p: t.checkpoint() for p, t in self.trackers.items()}, published=False)
+
+    def _store_positions(self, ckpts: dict[int, Checkpoint], published: bool) -> None:
+        """Store resume points in Redis, then commit the same offsets to Kafka (for lag tools)."""
         assert self.version is not None
         if self._dlq_pending:
             self.producer.flush()  # dead letters are durable before we claim we are past them
             self._dlq_pending = False
-        ckpts = {p: t.checkpoint() for p, t in self.trackers.items()}
         self.state.save_checkpoints(self.version.version, ckpts, self.cfg.snapshot_retention_s * 1000)
-        self.state.save_dlq_marks({p: o for p, o in self.dlq_next.items() if p in self.trackers})
+        self.state.save_dlq_marks({p: o for p, o in self.dlq_next.items() if p in ckpts})
         mark = watermark(list(self.trackers.values()), self.lateness_ms)
         lag = self._lag()
         now_ms = int(time.time() * 1000)
-        last = max((t.applied_through for t in self.trackers.values()), default=None)
+        last = max((c.applied_through for c in ckpts.values()), default=None)
         self.state.set_status(self.version.version, mark, last if published else None, now_ms if published else None, now_ms)
         self.state.set_lag(lag)
         self.report.watermark_ms = mark
@@ -453,6 +520,9 @@ class IncrementalConsumer:
         try:
             return self._run(max_seconds)
         finally:
+            if self._applier is not None:
+                self._applier.shutdown(wait=True)
+                self._applier = None
             torch.set_num_threads(threads)
 
     def _run(self, max_seconds: float | None) -> ConsumerReport:
@@ -475,8 +545,10 @@ class IncrementalConsumer:
                 log.warning("stopping after the %.0fs limit", max_seconds)
                 self.report.status = "time_limit"
                 break
+            # the hours submitted last time are written by the applier thread during this poll and parse
             batch = self.kc.poll(timeout_ms=500, max_records=self.cfg.poll_max_records)
             if self.pending:
+                self._collect()
                 self._start_pending()
                 continue  # anything fetched before the seek is from the wrong offset
             if self.mode == BOUNDED:
@@ -484,7 +556,8 @@ class IncrementalConsumer:
             for tp, records in batch.items():
                 self._ingest(tp.partition, records)
             if self.trackers:
-                self._apply_closable()
+                self._collect()
+                self._submit_closable()
                 if self.mode == CONTINUOUS and time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_interval_s:
                     self._checkpoint()
                 self._progress()
@@ -498,7 +571,7 @@ class IncrementalConsumer:
         if self.trackers and self.version is not None:
             if not self.stop_requested:
                 self._last_version_check = 0.0
-                self._apply_closable()
+                self._drain_closable()
             self._checkpoint()
         self._finish(t0)
         return self.report

@@ -6,7 +6,8 @@
 Who gets a row this hour (``plan_users``):
   * a user whose row already records this hour (``w >= hour``) is a replay after a crash: it is
     recomputed only to keep the batch shapes of the first pass (see streaming.update) and
-    never written;
+    never written (an unknown user whose row was first written by a later hour, field ``f``,
+    was history-only at this one, and is again);
   * a user with a row in Redis starts from it; a user of the version's vocabulary without one
     starts from the model's row;
   * an unknown user (cold start) starts from the out-of-vocabulary row 0 once they have
@@ -96,9 +97,14 @@ def plan_users(
             plans.append(plan)
             continue
         if stored is not None and stored.w >= hour_ms:
+            # A replay: classify as the first attempt did. An unknown user whose row was first
+            # written by a LATER hour was not admitted yet at this one (history only), which
+            # also keeps this hour's compute batch, hence its shapes, as in the first attempt.
+            if user_idx == 0 and stored.f > hour_ms:
+                plans.append(plan)
+                continue
             plan.kind, plan.start_row = REPLAYED, stored.e
-            # new this hour iff an unknown user's row holds exactly this hour's events
-            plan.new_user = user_idx == 0 and stored.n == n_known
+            plan.new_user = user_idx == 0 and stored.f == hour_ms
         elif stored is not None:
             plan.kind, plan.start_row = UPDATE, stored.e
         elif user_idx > 0:

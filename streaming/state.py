@@ -49,6 +49,7 @@ if ARGV[2] ~= '' then
   local w = redis.call('HGET', KEYS[1], 'w')
   if (not w) or tonumber(w) < tonumber(ARGV[1]) then
     redis.call('HSET', KEYS[1], 'e', ARGV[2], 'w', ARGV[1])
+    redis.call('HSETNX', KEYS[1], 'f', ARGV[1])
     redis.call('HINCRBY', KEYS[1], 'n', ARGV[3])
     applied = 1
   end
@@ -64,6 +65,20 @@ if k > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, k - 1)
 end
 return applied
+"""
+
+# One round trip per user instead of two, and the history comes back as ONE string of item ids
+# (oldest first, newline-separated: ids never hold control characters) instead of L members
+# to parse: the read side of the hourly path is bound by per-reply work in Python.
+READ_USER_LUA = """
+local row = redis.call('HMGET', KEYS[1], 'e', 'w', 'n', 'f')
+local members = redis.call('ZREVRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '-inf', 'LIMIT', 0, tonumber(ARGV[2]))
+local items = {}
+for i = #members, 1, -1 do
+  local m = members[i]
+  items[#items + 1] = string.sub(m, string.find(m, ARGV[3], 1, true) + 1)
+end
+return {row[1] or '', row[2] or '', row[3] or '', row[4] or '', table.concat(items, '\\n')}
 """
 
 SAVE_CHECKPOINTS_LUA = """
@@ -95,6 +110,9 @@ class StoredRow:
     e: np.ndarray
     w: int
     n: int
+    f: int = -1
+    """First hour the consumer wrote this row (-1: the row came from the nightly publish). Lets a
+    replay of an earlier hour classify the user exactly as its first attempt did."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,7 @@ class StreamState:
         self.r = client
         self.p = prefix
         self._apply = client.register_script(APPLY_USER_LUA)
+        self._read = client.register_script(READ_USER_LUA)
         self._save = client.register_script(SAVE_CHECKPOINTS_LUA)
 
     def key(self, name: str) -> str:
@@ -160,16 +179,14 @@ class StreamState:
         ``history_len`` events with ts < before_ms, oldest first), one pipelined round trip."""
         pipe = self.r.pipeline(transaction=False)
         for uid in user_ids:
-            pipe.hmget(rk.user_row(self.p, version, uid), "e", "w", "n")
-            pipe.zrevrangebyscore(rk.user_history(self.p, uid), f"({before_ms}", "-inf", start=0, num=history_len)
-        out = pipe.execute()
+            keys = [rk.user_row(self.p, version, uid), rk.user_history(self.p, uid)]
+            self._read(keys=keys, args=[before_ms, history_len, rk.HIST_SEP], client=pipe)
         rows: dict[str, StoredRow] = {}
         hists: dict[str, list[str]] = {}
-        for i, uid in enumerate(user_ids):
-            e, w, n = out[2 * i]
+        for uid, (e, w, n, f, items) in zip(user_ids, pipe.execute()):
             if e:
-                rows[uid] = StoredRow(decode_row(e), int(w) if w is not None else -1, int(n or 0))
-            hists[uid] = [rk.history_item(m) for m in reversed(out[2 * i + 1])]
+                rows[uid] = StoredRow(decode_row(e), int(w) if w else -1, int(n or 0), int(f) if f else -1)
+            hists[uid] = items.decode().split("\n") if items else []
         return rows, hists
 
     def apply_users(self, version: str, hour_ms: int, writes: list[UserWrite], history_len: int, retention_ms: int) -> int:

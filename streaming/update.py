@@ -137,7 +137,8 @@ def update_rows(
     With the full corpus as candidates that is every item exactly once, i.e. the plain full
     softmax. Its gradient with respect to the user vector is closed-form,
     (p - w) . V / tau, so autograd only runs through the small user-tower MLP; the context
-    (pooled attributes and history) does not depend on the row and is computed once.
+    (pooled attributes and history, and its share of the first layer) does not depend on the
+    row and is computed once (``TwoTower.user_row_map``).
     """
     if len(targets) != len(rows):
         raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
@@ -145,7 +146,7 @@ def update_rows(
     item_idx, item_w = padded_targets(targets)  # [B, P]
     inv_tau = 1.0 / float(model.temperature)
     with torch.no_grad():
-        context = model.user_context(user_attrs, hist)
+        user_vectors = model.user_row_map(model.user_context(user_attrs, hist))
         pos_v = item_vectors[item_idx]  # [B, P, d]; padded slots gather row 0 (zeros) with weight 0
         neg_v = item_vectors[cand.idx]  # [C, d]
         pad = item_w <= 0  # padded positive slots
@@ -154,7 +155,7 @@ def update_rows(
     state_sum = torch.zeros_like(row_t)
     first_loss = None
     for _ in range(steps):
-        u = model.user_vectors_from_context(row_t, context)
+        u = user_vectors(row_t)
         with torch.no_grad():
             su = u * inv_tau
             s_pos = torch.bmm(pos_v, su.unsqueeze(-1)).squeeze(-1).masked_fill_(pad, -torch.inf)  # [B, P]
