@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks.peers.protocol import Split, evaluate, leave_last_out, split_differences
+from benchmarks.peers.report import header, load_line, run_facts
 
 log = logging.getLogger("benchmarks.quality")
 OUT = Path(__file__).resolve().parent / "out"
@@ -294,7 +295,6 @@ def run(
     """The whole comparison; returns the JSON-ready result. ``epochs`` overrides the training
     epochs of ours and of the torch-rechub peers alike (default: the product's, 12)."""
     from benchmarks.peers.rechub import RechubConfig
-    from benchmarks.stream_throughput import machine
     from jobs.ingest import ingest_movielens
     from jobs.main import default_logical_date
     from jobs.nightly import stage_prepare
@@ -336,10 +336,7 @@ def run(
     peer_pop = next(m for m in models if m["name"] == "popularity")["runs"][0]
     timings["total"] = round(time.perf_counter() - started, 1)
     return {
-        "benchmark": "quality",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.quality", *sys.argv[1:]]),
-        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **run_facts("quality"),
         "protocol": "MovieLens-100K, each user's last interaction held out (same-second ties by item id, numerically), "
                     "every interaction a positive, full ranking of all items, the user's train items excluded",
         "split": {"train_interactions": int(len(split.train_items)), "eval_users": int(len(split.eval_items)),
@@ -352,7 +349,6 @@ def run(
         "models": models,
         "verdict": verdict(models),
         "seconds": timings,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
         "versions": _versions(),
     }  # fmt: skip
 
@@ -386,11 +382,7 @@ def _cell(model: dict, key: str) -> str:
 def render(result: dict) -> list[str]:
     """Markdown lines of the quality section of RESULTS.md (pure)."""
     v = result["verdict"]
-    lines = [
-        "## Quality against peers (MovieLens-100K, DESIGN §9 protocol)",
-        "",
-        f"Machine: {result['machine']}. Command: `{result['command']}`. Measured {result['measured_at']}.",
-        "",
+    lines = header("Quality against peers (MovieLens-100K, DESIGN §9 protocol)", result) + [
         f"Protocol: {result['protocol']}. Split: {result['split']['train_interactions']:,} train interactions, "
         f"{result['split']['eval_users']} held-out users, {result['split']['items']:,} items; every model saw this one split "
         "(checked pair for pair against the product's Spark-prepared split). "
@@ -420,10 +412,7 @@ def render(result: dict) -> list[str]:
         lines.append(f"Index the product built for {arch}: {facts['factory']} ({facts['type']}). Why: {facts['fallback'] or 'preferred structure'}.")
     pc = result.get("protocol_check", {})
     lines += ["", f"Protocol check: the product's evaluate stage and this benchmark give the same popularity row: {pc.get('same')}."]
-    if "load_average" in result:
-        lines.append(f"Load average of the machine (1, 5, 15 min) at the end of the run: {result['load_average']}; other work shared the cores.")
-    lines.append("")
-    return lines
+    return lines + load_line(result) + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

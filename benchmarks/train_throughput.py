@@ -21,10 +21,8 @@ benchmarks/out/train_throughput.json. A benchmark reports; it never fails on spe
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.peers.protocol import Split, histories, leave_last_out
+from benchmarks.peers.report import header, load_line, run_facts
 
 log = logging.getLogger("benchmarks.train_throughput")
 OUT = Path(__file__).resolve().parent / "out"
@@ -96,7 +95,6 @@ def rechub_samples_per_s(split: Split, threads: int, epochs: int, seed: int) -> 
 
 def run(n_events: int = 200_000, epochs: int = 1, seed: int = 7) -> dict[str, Any]:
     """Both trainers at 1 thread and at every core; the JSON-ready result."""
-    from benchmarks.stream_throughput import machine
     from models.trainer import resolve_threads
 
     n_users, n_items = max(n_events // 40, 100), max(n_events // 100, 100)
@@ -113,10 +111,7 @@ def run(n_events: int = 200_000, epochs: int = 1, seed: int = 7) -> dict[str, An
         by = {r["trainer"]: r["samples_per_s"] for r in rows if r["threads"] == threads}
         ratios[str(threads)] = round(by["ours"] / by["torch-rechub DSSM"], 3)
     return {
-        "benchmark": "train_throughput",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.train_throughput", *sys.argv[1:]]),
-        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **run_facts("train_throughput"),
         "data": {"source": "jobs.synthetic (seeded: power-law popularity, clustered drifting tastes)", "seed": seed,
                  "events": n_events, "users": n_users, "items": n_items, "train_samples": int(len(split.train_items)),
                  "history_len": HISTORY_LEN},
@@ -125,18 +120,13 @@ def run(n_events: int = 200_000, epochs: int = 1, seed: int = 7) -> dict[str, An
         "epochs": epochs,
         "rows": rows,
         "ours_over_rechub_by_threads": ratios,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
 
 
 def render(result: dict) -> list[str]:
     """Markdown lines of the training-throughput section of RESULTS.md (pure)."""
     d = result["data"]
-    lines = [
-        "## Training throughput (samples/s)",
-        "",
-        f"Machine: {result['machine']}. Command: `{result['command']}`. Measured {result['measured_at']}.",
-        "",
+    lines = header("Training throughput (samples/s)", result) + [
         f"Same data for both: {d['source']}, seed {d['seed']}, {d['events']:,} events -> {d['train_samples']:,} train samples "
         f"(history of {d['history_len']}), batch {result['batch_size']}, dimension {result['dim']}, {result['epochs']} epoch(s); "
         "training loop only.",
@@ -151,11 +141,7 @@ def render(result: dict) -> list[str]:
     for r in result["rows"]:
         lines.append(f"| {labels.get(r['trainer'], r['trainer'])} | {r['threads']} | {r['samples']:,} | {r['seconds']} | {r['samples_per_s']:,} |")
     ratios = ", ".join(f"{t} thread(s): {v}" for t, v in result["ours_over_rechub_by_threads"].items())
-    lines += ["", f"Ours / torch-rechub DSSM samples/s: {ratios}."]
-    if "load_average" in result:
-        lines.append(f"Load average of the machine (1, 5, 15 min) at the end of the run: {result['load_average']}; other work shared the cores.")
-    lines.append("")
-    return lines
+    return lines + ["", f"Ours / torch-rechub DSSM samples/s: {ratios}."] + load_line(result) + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
