@@ -177,9 +177,7 @@ def render(result: dict[str, Any]) -> list[str]:
         return "-" if x is None else f"{x / MIB:,.0f}"
 
     return [
-        "## Consumer memory",
-        "",
-        f"`{result['command']}` — measured {result['measured_at']}. Version of {fmt(v['n_users'])} users x {fmt(v['n_items'])} items "
+        f"Version of {fmt(v['n_users'])} users x {fmt(v['n_items'])} items "
         "written straight in the artifact layout (product model at seeded initial weights, not trained: memory depends on the "
         f"sizes), registered without writing its user rows. Stream: {fmt(st['events'])} events from {fmt(st['distinct_users'])} distinct "
         f"users over {st['hours']} event-time hours; the consumer (`python -m streaming.consumer --mode bounded`) applied "

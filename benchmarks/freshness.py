@@ -341,9 +341,7 @@ def render(result: dict[str, Any]) -> list[str]:
     c = result["clock"]
     lateness_min = c["allowed_lateness_s"] / 60
     lines = [
-        "## Freshness: event to Redis, continuous mode",
-        "",
-        f"`{result['command']}` — measured {result['measured_at']}. The real consumer (`python -m streaming.consumer --mode continuous`), "
+        "The real consumer (`python -m streaming.consumer --mode continuous`), "
         f"{result['partitions']} partitions, a published version of {fmt(result['version']['n_users'])} users x "
         f"{fmt(result['version']['n_items'])} items. Event time runs {c['speedup']}x faster than wall time (one hour = "
         f"{c['hour_wall_seconds']} s) so that hours close during the run; rows polled every {result['poll_interval_ms']:.0f} ms.",

@@ -228,9 +228,7 @@ def render(result: dict[str, Any]) -> list[str]:
     """Markdown lines of the index section."""
     c, g, it = result["cpu"], result["gpu"], result["items"]
     lines = [
-        "## Index build and search at scale",
-        "",
-        f"`{result['command']}` — measured {result['measured_at']}. {fmt(it['n'])} clustered synthetic items, d={it['dim']} "
+        f"{fmt(it['n'])} clustered synthetic items, d={it['dim']} "
         f"({it['clusters']} power-law clusters on a rank-{it['rank']} subspace), built by `jobs.index.build_tuned_index` "
         f"(training sample {fmt(c['train_vectors'])} vectors = {c['train_points_per_list']} per list; build includes the "
         f"exact ground truth and nprobe tuning). Recall and QPS on {c['held_out_queries']} held-out noisy item queries.",

@@ -145,9 +145,7 @@ def render(result: dict[str, Any]) -> list[str]:
     """Markdown lines of the Redis write-rate section."""
     p, lua = result["plain_pipelined"], result["apply_users_lua"]
     return [
-        "## Redis write rate (ceiling of the incremental publish)",
-        "",
-        f"`{result['command']}` — measured {result['measured_at']}, Redis {result['redis']['version']} at "
+        f"Redis {result['redis']['version']} at "
         f"{result['redis']['url_host']}. {fmt(result['users'])} users, a {result['row_bytes']}-byte row "
         f"({result['id_dim']} float32) + w/n and {result['events_per_user']} history events each, pipelines of "
         f"{fmt(result['batch_users'])} users, one client thread.",

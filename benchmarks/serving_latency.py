@@ -2,14 +2,15 @@
 
     movielens   the version published under ``settings.redis.prefix`` (``make run`` publishes
                 MovieLens-100K: 1,682 items); when nothing is published, the main job runs first
-    synthetic   1,000,000 items in an IVF-PQ index built and tuned by jobs.index
-                (build_tuned_index: nlist, M and nprobe from the corpus size, nprobe raised until
-                recall@100 reaches the target on sampled queries), served by the same code path
+    synthetic   1,000,000 clustered items in the IVF-PQ index that benchmarks.index_scale builds
+                with the product's builder (jobs.index.build_tuned_index: nlist, M and nprobe from
+                the corpus size, nprobe tuned on sampled queries). It is cached under
+                benchmarks/out/cache by spec, so ``make bench`` builds one 1M index, not two;
+                it is built here only when index_scale has not run with the same spec.
 
 The synthetic version follows the artifact and Redis contracts: the MovieLens version's trained
-user tower and user-ID rows, an item-ID table grown to 1M rows, item vectors drawn around 2,000
-random unit centres (clustered like real embeddings; no model could be trained on 1M items
-here), the index over them, and a pointer of its own under ``<prefix>-bench1m``. The user tower
+user tower and user-ID rows, an item-ID table grown to 1M rows, that index (no model could be
+trained on 1M items here), and a pointer of its own under ``<prefix>-bench1m``. The user tower
 is the trained one, so per-request model work is what production does; only the item side is
 synthetic.
 
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.limits_common import fmt, header
 from twotower.config import PROJECT_ROOT, Settings
 
 log = logging.getLogger("benchmarks.serving_latency")
@@ -47,24 +49,14 @@ log = logging.getLogger("benchmarks.serving_latency")
 OUT = PROJECT_ROOT / "benchmarks" / "out" / "serving_latency.json"
 K = 100
 COLD_FRACTION = 0.1
-SYNTHETIC_RANK = 16
-"""Intrinsic dimension of the synthetic item vectors (learned embeddings are far from isotropic)."""
-SYNTHETIC_NOISE = 0.2
-"""Norm of the isotropic noise added to each synthetic vector before re-normalising."""
-SYNTHETIC_QUERIES = 500
-TRAIN_NITER = 10
-"""k-means iterations of the synthetic index (coarse quantizer and PQ codebooks)."""
-PQ_POINTS_PER_CENTROID = 80
-"""PQ codebook training points per code (80 x 256 = 20,480 residuals)."""
-RECALL_PLATEAU = 0.003
-"""nprobe tuning stops when doubling nprobe gains less recall@100 than this."""
 
 
 # --- machine -------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, cores, memory, load and library versions: enough to compare two runs honestly."""
+    """CPU, cores, memory, load and library versions: enough to compare two runs honestly
+    (beside the common ``machine`` field of every benchmark result)."""
     import faiss
     import torch
 
@@ -223,84 +215,14 @@ def vocab_users(artifact_dir: Path) -> list[str]:
 # --- the synthetic 1M-item version ---------------------------------------------------------------
 
 
-def synthetic_item_vectors(n: int, d: int, seed: int) -> np.ndarray:
-    """``n`` unit vectors with the low intrinsic dimension of learned embeddings: a random
-    rank-``SYNTHETIC_RANK`` map of Gaussian factors plus isotropic noise, generated in chunks."""
-    rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(SYNTHETIC_RANK, d)).astype(np.float32)
-    out = np.empty((n, d), dtype=np.float32)
-    for start in range(0, n, 200_000):
-        stop = min(n, start + 200_000)
-        x = rng.normal(size=(stop - start, SYNTHETIC_RANK)).astype(np.float32) @ basis
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        x += rng.normal(0.0, SYNTHETIC_NOISE / np.sqrt(d), size=x.shape).astype(np.float32)
-        out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
-def build_large_index(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, target: float, seed: int):
-    """The IVF-PQ structure jobs.index_params picks for this corpus, trained on a sample.
-
-    Why not jobs.index.build_tuned_index: it trains k-means on every vector (faiss samples 256
-    per list: all 1M here) for 25 iterations, which takes well over half an hour on a shared
-    2-core CPU. Here the coarse quantizer trains on 39 points per list and both k-means runs
-    stop after TRAIN_NITER iterations; the served structure (nlist, M, nbits) is the same. nprobe
-    follows jobs.index's schedule and stops at the recall target or when doubling it gains less
-    than RECALL_PLATEAU. Returns (index, plan, nprobe, recall, trace, seconds per phase).
-    """
-    import faiss
-
-    from jobs.index import RECALL_K, exact_topk, recall_at_k, set_nprobe
-    from jobs.index_params import GPU_MAX_K, MIN_POINTS_PER_CENTROID, nprobe_schedule, plan_candidates
-
-    n, d = vectors.shape
-    plan = plan_candidates(n, d)[0]
-    phases: dict[str, float] = {}
-    t = time.time()
-    index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.niter, ivf.cp.seed = TRAIN_NITER, seed
-    if plan.type == "IVF-PQ":
-        pq = faiss.downcast_index(ivf).pq
-        pq.cp.niter, pq.cp.seed, pq.cp.max_points_per_centroid = TRAIN_NITER, seed, PQ_POINTS_PER_CENTROID
-    rng = np.random.default_rng(seed)
-    sample = vectors[np.sort(rng.choice(n, size=min(n, MIN_POINTS_PER_CENTROID * plan.nlist), replace=False))]
-    log.info("synthetic index: training %s on %d of %d vectors", plan.factory, len(sample), n)
-    index.train(sample)
-    phases["train"] = round(time.time() - t, 3)
-    t = time.time()
-    index.add_with_ids(vectors, ids)
-    phases["add"] = round(time.time() - t, 3)
-    t = time.time()
-    exact = exact_topk(vectors, ids, queries, RECALL_K)
-    phases["exact_neighbours"] = round(time.time() - t, 3)
-    t = time.time()
-    trace: list[tuple[int, float]] = []
-    chosen = (0, 0.0)
-    for nprobe in nprobe_schedule(plan.nlist, GPU_MAX_K):
-        set_nprobe(index, nprobe)
-        _, got = index.search(queries, RECALL_K)
-        trace.append((nprobe, recall_at_k(got, exact)))
-        log.info("synthetic index: nprobe=%d of %d lists gives recall@%d %.4f", nprobe, plan.nlist, RECALL_K, trace[-1][1])
-        if len(trace) > 1 and trace[-1][1] < target and trace[-1][1] - trace[-2][1] < RECALL_PLATEAU:
-            chosen = trace[-2]  # the codes, not the probing, limit recall now: probing more only costs time
-            break
-        chosen = trace[-1]
-        if chosen[1] >= target:
-            break
-    nprobe, recall = chosen
-    set_nprobe(index, nprobe)
-    phases["tune_nprobe"] = round(time.time() - t, 3)
-    return index, plan, nprobe, recall, trace, phases
-
-
 def build_synthetic_version(settings: Settings, base_meta: dict[str, Any], n_items: int, client, prefix: str) -> dict[str, Any]:
     """Write ``artifacts/bench-<n>items/`` and publish it under ``prefix``; returns build facts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    from jobs.index import noisy_item_queries, write_index_atomic, write_json_atomic
+    from benchmarks.index_scale import ensure_index
+    from jobs.index import write_json_atomic
     from models.towers import build_from_config
     from twotower import redis_keys
     from twotower.contracts import ARTIFACT_FILES
@@ -336,27 +258,15 @@ def build_synthetic_version(settings: Settings, base_meta: dict[str, Any], n_ite
                    art / ARTIFACT_FILES["items"])  # fmt: skip
     log.info("synthetic %s: model and tables written in %.1f s", version, time.time() - t0)
 
-    # index: the structure jobs.index_params picks for n_items, nprobe tuned against exact search
+    # index: the 1M-item index benchmarks.index_scale builds with the product's builder (cached
+    # under benchmarks/out/cache by spec; built here only when index_scale has not run)
     t1 = time.time()
-    vectors = synthetic_item_vectors(n_items, config["model"]["dim"], seed=11)
-    queries = noisy_item_queries(vectors, SYNTHETIC_QUERIES, seed=12)
-    index, plan, nprobe, recall, trace, phases = build_large_index(
-        vectors, np.arange(1, n_items + 1, dtype=np.int64), queries, settings.index.target_recall, settings.index.seed
-    )
-    build_s = time.time() - t1
-    del vectors
-    meta = {
-        "type": plan.type, "factory": plan.factory, "metric": "inner_product", "nlist": plan.nlist, "m": plan.m,
-        "nbits": plan.nbits, "nprobe": nprobe, "ann_recall_at_100": round(recall, 6), "target_recall": settings.index.target_recall,
-        "n_items": n_items, "dim": config["model"]["dim"], "device": "cpu", "build_seconds": round(build_s, 3),
-        "phase_seconds": phases, "fallback": plan.fallback,
-        "queries": f"synthetic item vectors plus Gaussian noise ({SYNTHETIC_QUERIES})",
-        "tuning": [{"nprobe": p, "recall_at_100": round(r, 6)} for p, r in trace],
-    }  # fmt: skip
-    write_index_atomic(index, art / ARTIFACT_FILES["index"])
+    cached, meta, built_now = ensure_index(n_items, config["model"]["dim"], settings.index)
+    shutil.copyfile(cached / "index.faiss", art / ARTIFACT_FILES["index"])
+    meta = {**meta, "source": f"{'built now' if built_now else 'reused'} by benchmarks.index_scale.ensure_index ({cached})"}
     write_json_atomic(art / ARTIFACT_FILES["index_meta"], meta)
-    del index
-    log.info("synthetic %s: %s nprobe=%d recall@100=%.4f built in %.1f s", version, plan.factory, nprobe, recall, build_s)
+    log.info("synthetic %s: %s nprobe=%d recall@100=%.4f, index %s in %.1f s", version, meta["factory"], meta["nprobe"],
+             meta["ann_recall_at_100"], "built" if built_now else "reused", time.time() - t1)  # fmt: skip
 
     # Redis: the base version's user rows under the new version, metadata, then the pointer
     src = base_meta["version"]
@@ -380,6 +290,32 @@ def drop_prefix(client, prefix: str) -> None:
         client.delete(key)
 
 
+# --- report --------------------------------------------------------------------------------------
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """Markdown lines of the /recall latency section: one row per corpus."""
+    lines = [
+        f"Protocol: {result['protocol']}.",
+        "",
+        "| corpus | items | index | requests (errors) | client p50 / p90 / p99 (ms) | server p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in result["corpora"].items():
+        idx = c.get("index") or {}
+        desc = f"{idx.get('factory', idx.get('type', '-'))}, nprobe {idx.get('nprobe', '-')}, recall@100 {idx.get('ann_recall_at_100', '-')}"
+        cm, sm = c["client_ms"], c["server_ms"]
+        lines.append(f"| {name} | {fmt(c.get('n_items'))} | {desc} | {fmt(c['requests'])} ({c['errors']}) | "
+                     f"{cm['p50']} / {cm['p90']} / {cm['p99']} | {sm['p50']} / {sm['p99']} |")  # fmt: skip
+    synthetic = result["corpora"].get("synthetic")
+    if synthetic is None:
+        lines += ["", "The 1M-item corpus was not measured in this run (--skip-synthetic)."]
+    else:
+        source = (synthetic.get("index") or {}).get("source", "")
+        lines += ["", f"1M-item index: {source}."]
+    return lines + [""]
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -391,9 +327,9 @@ def run(settings: Settings, n_items: int = 1_000_000, n_requests: int = 2000, sy
     client = redis_client(settings)
     logs = settings.paths.state_dir / "logs"
     result: dict[str, Any] = {
-        "benchmark": "serving_latency",
+        **header("serving_latency"),
         "command": command or "python -m benchmarks.serving_latency",
-        "machine": machine_info(),
+        "machine_details": machine_info(),
         "env_overrides": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TT_") and "PASSWORD" not in k},
         "protocol": f"sequential GET /recall/<user>?k={K} from one client over localhost HTTP to a fresh server "
                     f"process ({int(COLD_FRACTION * 100)}% cold-start ids); client_ms includes HTTP, server_ms is "
