@@ -207,3 +207,27 @@ def test_every_peer_runs_on_a_small_movielens_slice(ml_small_split):
         assert m["stats"]["hit@10"]["mean"] <= m["stats"]["hit@50"]["mean"] <= m["stats"]["hit@100"]["mean"], name
     # ALS learns something on 40 users: better than chance (100 / 1,682 items per user at @100)
     assert models["implicit-als"]["stats"]["hit@100"]["mean"] > 0.1
+
+
+# --- training throughput --------------------------------------------------------------------------
+
+
+def test_train_throughput_feeds_both_trainers_the_same_synthetic_samples():
+    from benchmarks.train_throughput import ours_samples_per_s, rechub_samples_per_s, render as render_throughput, synthetic_split
+
+    split = synthetic_split(n_events=3000, n_users=100, n_items=100, seed=3)
+    assert len(split.train_items) + len(split.eval_items) == 3000
+    assert split.train_users.min() >= 1 and split.train_items.max() <= 100 and split.n_attrs > 0
+    ours = ours_samples_per_s(split, threads=1, epochs=1, seed=1)
+    peer = rechub_samples_per_s(split, threads=1, epochs=1, seed=1)
+    assert ours["samples"] == len(split.train_items)
+    assert peer["samples"] == len(split.train_items) // 1024 * 1024  # in-batch negatives drop the last partial batch
+    assert ours["samples_per_s"] > 0 and peer["samples_per_s"] > 0
+    result = {
+        "machine": {"cpus": 2}, "command": "c", "measured_at": "t", "batch_size": 1024, "dim": 64, "epochs": 1,
+        "data": {"source": "s", "seed": 3, "events": 3000, "train_samples": len(split.train_items), "history_len": 50},
+        "rows": [{"trainer": "ours", **ours}, {"trainer": "torch-rechub DSSM", **peer}],
+        "ours_over_rechub_by_threads": {"1": 1.5},
+    }  # fmt: skip
+    text = "\n".join(render_throughput(result))
+    assert f"| 1 | {ours['samples']:,} |" in text and "1 thread(s): 1.5" in text
