@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.freshness import subprocess_env
-from benchmarks.limits_common import fmt, header, percentiles, scratch_deployment, write_result
+from benchmarks.limits_common import cli, fmt, header, percentiles, scratch_deployment
 from twotower.config import PROJECT_ROOT, Settings, load_settings
 
 log = logging.getLogger("benchmarks.consumer_memory")
@@ -196,22 +196,15 @@ def render(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from twotower.logs import setup_logging
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--hours", type=int, default=4)
 
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--hours", type=int, default=4)
-    args = parser.parse_args(argv)
-    setup_logging()
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    result = run(args.users, args.items, args.events, args.hours, argv=argv if argv is not None else sys.argv[1:])
-    path = write_result(result)
-    print("\n".join(render(result)))
-    print(f"written to {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(NAME, __doc__, add_args, lambda a, argv: run(a.users, a.items, a.events, a.hours, argv=argv), render, argv)
 
 
 if __name__ == "__main__":

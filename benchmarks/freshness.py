@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.limits_common import fmt, header, percentiles, scratch_deployment, write_result
+from benchmarks.limits_common import cli, fmt, header, percentiles, scratch_deployment
 from twotower.config import PROJECT_ROOT, Settings, load_settings
 
 log = logging.getLogger("benchmarks.freshness")
@@ -371,24 +371,16 @@ def render(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    from twotower.logs import setup_logging
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rates", type=float, nargs="+", default=[50, 200, 1000])
+    p.add_argument("--hours", type=int, default=4, help="measured event-time hours per rate")
+    p.add_argument("--hour-seconds", type=float, default=6.0, help="wall seconds per simulated event-time hour")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=1000)
 
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", type=float, nargs="+", default=[50, 200, 1000])
-    parser.add_argument("--hours", type=int, default=4, help="measured event-time hours per rate")
-    parser.add_argument("--hour-seconds", type=float, default=6.0, help="wall seconds per simulated event-time hour")
-    parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--items", type=int, default=1000)
-    args = parser.parse_args(argv)
-    setup_logging()
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    result = run(tuple(args.rates), args.hours, args.hour_seconds, args.users, args.items,
-                 argv=argv if argv is not None else sys.argv[1:])  # fmt: skip
-    path = write_result(result)
-    print("\n".join(render(result)))
-    print(f"written to {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(NAME, __doc__, add_args, lambda a, argv: run(tuple(a.rates), a.hours, a.hour_seconds, a.users, a.items, argv=argv), render, argv)
 
 
 if __name__ == "__main__":

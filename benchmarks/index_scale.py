@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.limits_common import cache_dir, fmt, header, percentiles, write_result
+from benchmarks.limits_common import cache_dir, cli, fmt, header, percentiles
 from twotower.config import IndexConfig, Settings, load_settings
 
 log = logging.getLogger("benchmarks.index_scale")
@@ -248,22 +248,16 @@ def render(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    from twotower.logs import setup_logging
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall and batch QPS")
+    p.add_argument("--single", type=int, default=300, help="queries timed one at a time")
+    p.add_argument("--gpu-items", type=int, default=10_000_000)
 
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--queries", type=int, default=1000, help="held-out queries for recall and batch QPS")
-    parser.add_argument("--single", type=int, default=300, help="queries timed one at a time")
-    parser.add_argument("--gpu-items", type=int, default=10_000_000)
-    args = parser.parse_args(argv)
-    setup_logging()
-    result = run(args.items, args.dim, args.queries, args.single, args.gpu_items, argv=argv if argv is not None else sys.argv[1:])
-    path = write_result(result)
-    print("\n".join(render(result)))
-    print(f"written to {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(NAME, __doc__, add_args, lambda a, argv: run(a.items, a.dim, a.queries, a.single, a.gpu_items, argv=argv), render, argv)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,17 @@ Each benchmark module calls ``header(name)`` for the common fields, adds its num
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -135,3 +137,22 @@ def _delete_topics(s: Settings, topics: list[str]) -> None:
         pass
     finally:
         admin.close()
+
+
+def cli(name: str, doc: str, add_args: Callable[[argparse.ArgumentParser], None],
+        run: Callable[[argparse.Namespace, list[str]], dict[str, Any]], render: Callable[[dict[str, Any]], list[str]],
+        argv: list[str] | None = None) -> int:  # fmt: skip
+    """The shared ``main``: parse ``python -m benchmarks.<name>`` arguments, run, write the JSON,
+    print the rendered section. ``run(args, argv)`` gets the argv to record as the command."""
+    from twotower.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    add_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    result = run(args, sys.argv[1:] if argv is None else argv)
+    path = write_result(result)
+    print("\n".join(render(result)))
+    print(f"written to {path}")
+    return 0

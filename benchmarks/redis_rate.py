@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.limits_common import drop_prefix, fmt, header, write_result
+from benchmarks.limits_common import cli, drop_prefix, fmt, header
 from twotower.config import Settings, load_settings
 
 log = logging.getLogger("benchmarks.redis_rate")
@@ -108,16 +108,19 @@ def run(n_users: int = 100_000, batch: int = 1000, events_per_user: int = 3, set
     id_dim = s.model.id_dim
     batches = user_batches(n_users, batch, events_per_user, id_dim)
     client = redis_client(s)
-    prefixes = {name: f"tt-bench-{NAME}-{name}-{uuid.uuid4().hex[:8]}" for name in ("plain", "script")}
+    prefixes = {name: f"tt-bench-{NAME}-{name}-{uuid.uuid4().hex[:8]}" for name in ("plain", "script", "warmup")}
     try:
         client.ping()
+        # warm-up of both paths (connection, script cache, client code paths), not timed
+        plain_pipelined(client, prefixes["warmup"], batches[:1], events_per_user)
+        product_script(client, prefixes["warmup"] + "-s", batches[:1], s.prepare.history_len, 0)
         plain_s = plain_pipelined(client, prefixes["plain"], batches, events_per_user)
         sizes = key_bytes(client, prefixes["plain"], "bench-user-0")
         script_s, written = product_script(client, prefixes["script"], batches, s.prepare.history_len,
                                            s.incremental.history_retention_s * 1000)  # fmt: skip
         info = client.info("server")
     finally:
-        for prefix in prefixes.values():
+        for prefix in [*prefixes.values(), prefixes["warmup"] + "-s"]:
             drop_prefix(client, prefix)
         client.close()
     if written != n_users:
@@ -161,20 +164,14 @@ def render(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from twotower.logs import setup_logging
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=1000, help="users per pipeline")
+    p.add_argument("--events-per-user", type=int, default=3)
 
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=1000, help="users per pipeline")
-    parser.add_argument("--events-per-user", type=int, default=3)
-    args = parser.parse_args(argv)
-    setup_logging()
-    result = run(args.users, args.batch, args.events_per_user, argv=argv if argv is not None else sys.argv[1:])
-    path = write_result(result)
-    print("\n".join(render(result)))
-    print(f"written to {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(NAME, __doc__, add_args, lambda a, argv: run(a.users, a.batch, a.events_per_user, argv=argv), render, argv)
 
 
 if __name__ == "__main__":

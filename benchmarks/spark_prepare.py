@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.limits_common import OUT, cache_dir, fmt, header, write_result
+from benchmarks.limits_common import OUT, cache_dir, cli, fmt, header
 from twotower.config import Settings, load_settings
 
 log = logging.getLogger("benchmarks.spark_prepare")
@@ -145,21 +145,15 @@ def render(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from twotower.logs import setup_logging
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=int, default=10_000_000)
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--items", type=int, default=50_000)
+    p.add_argument("--days", type=int, default=30)
 
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=10_000_000)
-    parser.add_argument("--users", type=int, default=200_000)
-    parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--days", type=int, default=30)
-    args = parser.parse_args(argv)
-    setup_logging()
-    result = run(args.events, args.users, args.items, args.days, argv=argv if argv is not None else sys.argv[1:])
-    path = write_result(result)
-    print("\n".join(render(result)))
-    print(f"written to {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(NAME, __doc__, add_args, lambda a, argv: run(a.events, a.users, a.items, a.days, argv=argv), render, argv)
 
 
 if __name__ == "__main__":
