@@ -116,6 +116,33 @@ def test_itemknn_ranks_by_summed_similarity_and_excludes_seen():
     assert evaluate(topk, split)["hit@10"] == pytest.approx(1.0)
 
 
+# --- torch-rechub inputs ---------------------------------------------------------------------------
+
+
+def test_rechub_training_rows_follow_each_trainer_mode():
+    from benchmarks.peers.rechub import RechubConfig, popularity_negatives, training_data
+
+    split = tiny_split([(1, 1, 1), (1, 2, 2), (1, 3, 3), (2, 2, 1), (2, 1, 2)], n_users=2, n_items=4)
+    # train: u1 [1, 2], u2 [2]; item 4 is never trained on, so it is never drawn as a negative
+    negs = popularity_negatives(split.item_counts(), (2000,), np.random.default_rng(0))
+    assert set(negs.tolist()) == {1, 2}
+    assert abs((negs == 2).mean() - 2**0.75 / (1 + 2**0.75)) < 0.05  # p ∝ count^0.75
+
+    x, y = training_data(split, RechubConfig(negatives=3, history_len=2), "youtubednn", np.random.default_rng(0))
+    assert x["item_id"].tolist() == [1, 2, 2] and x["hist_item_id"].tolist() == [[0, 0], [1, 0], [0, 0]]
+    assert tuple(x["neg_items"].shape) == (3, 3) and y.tolist() == [0, 0, 0]  # list-wise: the positive is logit 0
+
+    x, y = training_data(split, RechubConfig(dssm_loss="inbatch"), "dssm", np.random.default_rng(0))
+    assert len(y) == 3 and "neg_items" not in x
+
+    x, y = training_data(split, RechubConfig(dssm_loss="pointwise", negatives=2, history_len=2), "dssm", np.random.default_rng(0))
+    assert y.tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]  # each positive, then 2 sampled negatives per positive
+    assert x["user_id"].tolist() == [1, 1, 2] * 3  # a negative row keeps its positive's user side
+    assert set(x["item_id"][3:].tolist()) <= {1, 2}
+    with pytest.raises(ValueError):
+        training_data(split, RechubConfig(dssm_loss="hinge"), "dssm", np.random.default_rng(0))
+
+
 # --- ranking and metric wiring --------------------------------------------------------------------
 
 
