@@ -9,7 +9,7 @@ OTHER_FAISS := $(if $(filter gpu,$(FAISS)),cpu,gpu)
 STAMP := $(VENV)/.installed-$(FAISS)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv browser run test test-faults status recall quality bench backfill airflow infra-up infra-down serve clean
+.PHONY: venv browser run test test-faults load-test status recall quality bench backfill airflow infra-up infra-down serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,7 +44,11 @@ quality: venv
 	$(BIN)/python -m twotower.cli quality
 
 bench: venv infra-up
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(if $(ONLY),--only $(ONLY))
+
+## Sustained load (issue 7): RATE events/s for MINUTES into the continuous consumer, memory and accounting checked.
+load-test: venv infra-up
+	$(BIN)/python -m benchmarks.load_test --rate $(or $(RATE),5000) --minutes $(or $(MINUTES),10)
 
 backfill: venv infra-up
 	$(BIN)/python -m twotower.cli backfill $(if $(DATE),--date $(DATE)) $(if $(START),--start $(START)) $(if $(END),--end $(END)) $(if $(PUBLISH),--publish $(PUBLISH))

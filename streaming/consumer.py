@@ -111,6 +111,10 @@ class ConsumerReport:
     events_applied: int = 0
     new_users: int = 0
     records_read: int = 0
+    events_in_hours: int = 0
+    """Distinct events of the hours applied by this run."""
+    events_open: int = 0
+    """Events buffered for hours still open when the run ended (the next run re-reads them)."""
     dead_letters: int = 0
     late_events: int = 0
     lag: int | None = None
@@ -404,6 +408,7 @@ class IncrementalConsumer:
 
     def _account(self, result: HourResult) -> None:
         self.report.hours_applied += 1
+        self.report.events_in_hours += result.events_in_hour
         self.report.users_updated += result.users_updated
         self.report.rows_written += result.rows_written
         self.report.events_applied += result.events_applied
@@ -581,6 +586,7 @@ class IncrementalConsumer:
         self.report.lag_by_partition = lag
         self.report.lag = sum(lag.values()) if self.trackers else None
         self.report.open_hours = sorted({w for t in self.trackers.values() for w in t.buffer})
+        self.report.events_open = sum(len(b) for t in self.trackers.values() for b in t.buffer.values())
         self.report.seconds = round(time.monotonic() - t0, 3)
         log.info(
             "%s run done: %d hours applied (%d users, %d events), %d records read, %d dead letters, %d late, "

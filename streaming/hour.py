@@ -63,6 +63,9 @@ class HourResult:
     replay); ``rows_written`` is what this attempt wrote."""
 
     hour_ms: int
+    events_in_hour: int = 0
+    """Distinct events of the hour (each one lands in its user's history, and in the row's
+    update when its item is known and the user is admitted)."""
     users_updated: int = 0
     events_applied: int = 0
     unknown_items: int = 0
@@ -154,7 +157,7 @@ def apply_hour(state: StreamState, version: LoadedVersion, hour_ms: int, buffere
     new_rows = compute_rows(version, plans, hists, cfg)
     t2 = time.perf_counter()
 
-    result = HourResult(hour_ms, read_s=t1 - t0, compute_s=t2 - t1)
+    result = HourResult(hour_ms, sum(len(ev) for ev in by_user.values()), read_s=t1 - t0, compute_s=t2 - t1)
     writes = []
     for plan in plans:
         counts = result.per_partition.setdefault(partition_of[plan.user_id], {"users": 0, "events": 0, "unknown": 0, "new": 0})
