@@ -37,6 +37,7 @@ BENCHES: list[tuple[str, str]] = [
     ("index_scale", "Index at 1M items"),
     ("serving_latency", "/recall latency"),
     ("consumer_memory", "Consumer memory"),
+    ("load_test", "Sustained load (issue 7): fixed input rate, memory, accounting"),
 ]
 
 

@@ -58,11 +58,13 @@ for i = 7, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], 'NX', ARGV[i], ARGV[i + 1])
 end
 local keep = tonumber(ARGV[4])
-local before = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[5])
-local old = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[6])
-local k = math.min(before - keep, old)
-if k > 0 then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, k - 1)
+if redis.call('ZCARD', KEYS[2]) > keep then
+  local before = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[5])
+  local old = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[6])
+  local k = math.min(before - keep, old)
+  if k > 0 then
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, k - 1)
+  end
 end
 return applied
 """
