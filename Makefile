@@ -26,7 +26,11 @@ run: venv infra-up
 	$(BIN)/python -m twotower.cli run $(if $(DATA),--data "$(DATA)") $(if $(DATE),--date $(DATE))
 
 test: venv infra-up browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --ignore=tests/faults $(PYTEST_ARGS)
+
+## Fault-injection suite (issue 7): kills, Redis restarts, broker outages, nightly crashes, bad input.
+test-faults: venv infra-up
+	$(BIN)/python -m pytest -q tests/faults $(PYTEST_ARGS)
 
 ## Debian's headless Chromium for the dashboard browser test (installed once, with apt-get).
 browser:
