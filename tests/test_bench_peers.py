@@ -184,6 +184,14 @@ def test_verdict_compares_means_of_the_best_of_each_side():
     assert verdict(models[:2] + [_model("ours-c", "ours", [0.35])])["goal_met"] is False
 
 
+def test_forced_pq_row_says_why_the_product_does_not_serve_it():
+    from benchmarks.quality import _pq_verdict
+
+    runs = [{"reaches_target": False, "target_recall": 0.95}, {"reaches_target": True, "target_recall": 0.95}]
+    assert _pq_verdict(runs, {"type": "IVF-Flat"}) == "below the 0.95 recall target, so the product serves IVF-Flat instead"
+    assert _pq_verdict(runs[1:], {"type": "IVF-Flat"}) == "reaches the 0.95 recall target"
+
+
 def test_a_model_that_failed_is_rendered_with_its_reason():
     failed = summarise({"name": "x", "kind": "peer", "label": "torch-rechub X", "runs": [{"seed": 1, "error": "ImportError: no module"}]})
     ok = [_model("als", "peer", [0.3]), _model("ours", "ours", [0.45, 0.47])]
