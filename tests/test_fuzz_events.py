@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from streaming.events import REASONS, Event, Rejection, dead_letter_headers, dead_letter_value, encode_event, parse_event
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 - fixtures
+from tests.test_stream_events import body as bad  # a valid event of u1 with some fields changed
 
 TS = 1_709_251_200_000  # 2024-03-01T00:00Z
 VALID = Event("e-1", "u1", "i1", "click", TS, 1.0)
@@ -114,19 +115,6 @@ def test_pathological_values(value):
 
 
 # --- every malformed class through the real broker and consumer ----------------------------------------
-
-GOOD = {"event_id": "ok", "user_id": "u1", "item_id": "i1", "event_type": "click", "ts": TS + 60_000, "weight": 1.0}
-
-
-def bad(**changes) -> bytes:
-    obj = dict(GOOD)
-    for k, v in changes.items():
-        if v is ...:
-            obj.pop(k)
-        else:
-            obj[k] = v
-    return json.dumps(obj).encode()
-
 
 # (reason, key, value, record timestamp): one record per rejection class the parser has
 MALFORMED = [

@@ -7,6 +7,7 @@ append-only file (fsync always), like a production Redis with AOF; the developer
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -19,6 +20,7 @@ from jobs.publish import publish_version
 from jobs.redis_conn import ResilientRedis, redis_client
 from streaming.consumer import run_bounded
 from streaming.state import StreamState
+from tests.faults.infra import kill_if_running
 from tests.kafka_fixtures import BASE_MS, make_stream, produce, publish_tiny, redis_snapshot, write_tiny_artifact
 from tests.publish_fixtures import clone_version, tiny_settings, tiny_version
 from tests.test_publish import expected_rows
@@ -108,8 +110,6 @@ def test_nightly_publish_survives_a_redis_restart_and_never_exposes_a_half_writt
     shutil.copytree(artifact, settings.paths.artifacts_dir / artifact.name)
     s = tiny_settings(settings).replace("redis", url=redis_server.url, batch_size=4)
     v1 = settings.paths.artifacts_dir / artifact.name
-    import json
-
     cutoff = json.loads((v1 / "manifest.json").read_text())["data_cutoff_ms"]
     v2 = clone_version(v1, "20240131-00000002", cutoff + DAY_MS, row_scale=2.0)
     client = redis_client(s)
@@ -180,9 +180,7 @@ def test_consumer_survives_redis_restarts_mid_write(kafka_settings, redis_server
         assert "did not answer" in log.read_text()  # it met the outage, retried, and said so
         assert_same_effect(redis_snapshot(redis_client, ref.redis.prefix, "v1"), redis_snapshot(private, s.redis.prefix, "v1"))
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
         cleanup(redis_client, ref.redis.prefix)
         private.close()
 
