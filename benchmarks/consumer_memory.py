@@ -142,7 +142,7 @@ def run(n_users: int = 1_000_000, n_items: int = 100_000, n_events: int = 100_00
             raise RuntimeError(f"the consumer exited with {child['returncode']}: {log_text[-2000:]}")
     import json
 
-    report = json.loads(log_text.strip().splitlines()[-1])
+    report = json.loads(next(ln for ln in reversed(log_text.splitlines()) if ln.startswith("{")))  # its stdout report
     rss = [r for _, r in child["samples"]]
     id_dim = facts["model"]["id_dim"]
     return {

@@ -158,7 +158,8 @@ def search_rates(index, vectors: np.ndarray, n_queries: int, n_single: int, k: i
         "held_out_queries": len(queries),
         "recall_at_k": round(recall_at_k(got, exact), 4),
         "batch": {"queries": len(queries), "seconds": round(batch_s, 3), "qps": round(len(queries) / batch_s), "threads": threads},
-        "single": {"queries": len(lat), "qps": round(len(lat) / (sum(lat) / 1000)), "latency_ms": percentiles(lat, 3), "threads": 1},
+        "single": {"queries": len(lat), "qps": round(len(lat) / (sum(lat) / 1000)) if lat else None,
+                   "latency_ms": percentiles(lat, 3), "threads": 1},  # fmt: skip
         "exact_search": {"seconds": round(exact_s, 3), "qps": round(len(queries) / exact_s)},
     }
 
