@@ -1,37 +1,45 @@
-"""Does the incremental path pay? Next-hour hit@50 in a temporal replay, issue 6.
+"""Does the incremental path pay? Next-hour hit@50 in a temporal replay (issue 6).
 
-    python -m benchmarks.temporal_replay [--seeds 3] [--days 3] [--epochs N] [--streams movielens,synthetic]
-                                         [--sweep-steps 1,2,5 --sweep-lr 0.01,0.05 --sweep-min-events 1,3]
+    python -m benchmarks.temporal_replay [--seeds 3] [--days 3] [--long-days 0] [--epochs 8]
+        [--streams movielens,synthetic] [--sweep-steps 1,2,5 --sweep-lr 0.005,0.01 --sweep-min-events 1,3] [--keep]
 
 For each stream the product's own nightly code trains a model up to a cutoff: jobs.nightly's
 stage_prepare (Spark) and stage_train, the two stages of run_nightly that make the model
-(evaluate, gate, index and publish do not change it and are skipped; ranking is exact, so
-no index is needed). The days after the cutoff are then replayed hour by hour, and every
-target hour is scored as benchmarks.replay_sim defines it (queries = users active in the hour,
-targets = their new items of that hour, full-corpus ranking, seen items excluded, top 50),
-for:
+(evaluate, gate, index and publish do not change it and are skipped; ranking is exact, so no
+index is needed). The hours after the cutoff are then replayed one by one, and every target
+hour is scored as benchmarks.replay_sim defines it (queries = users active in the hour,
+targets = their items of the hour not seen before, full-corpus ranking with seen items
+excluded, hit@50), for:
 
   (a) the frozen nightly model, histories as of the cutoff;
   (b) the frozen nightly model, live histories (every event before the target hour);
   (c) (b) plus the hourly user-ID row updates, computed by the product's update code
       (streaming.hour.plan_users / compute_rows, streaming.update.update_rows) with the
-      IncrementalConfig of load_settings() (so TT_INCREMENTAL_* overrides apply), rows kept in
-      memory instead of Redis;
-  (d) a full retrain each day: prepare + train on everything up to the end of each replayed day
-      (the model of the first replayed day is the nightly model itself, so (d) = (b) there),
-      frozen within the next day, live histories;
-  (e) what production runs: (d) plus the hourly updates on each day's model from its cutoff;
-  popularity: item counts before the cutoff, ranked the same way (a scale for the others).
+      IncrementalConfig of load_settings(), so TT_INCREMENTAL_* overrides are what is measured;
+      the rows are kept in memory instead of Redis (see benchmarks.replay_sim);
+  (d) a full retrain each day: prepare + train on everything up to the end of each replayed day,
+      frozen within the next day, live histories. The first replayed day's model is the nightly
+      model itself, so (d) = (b) on that day;
+  (e) beyond the issue, what production runs: (d) plus the hourly updates on each day's model,
+      starting from its cutoff with fresh rows (as the consumer does after a version switch);
+  popularity: item counts before the cutoff, ranked the same way (a scale for the others);
+  diagnostics b_oov / c_oov: (b) and (c) on a copy of the nightly model whose never-trained ID
+      rows (users first active after the cutoff, already in the vocabulary through the
+      attribute table) hold the trained out-of-vocabulary row 0 instead of their random init.
+
+Windows: every variant over the first ``--days`` days (one retrain per day and seed for (d));
+the variants that need no retrain also over ``--long-days`` (0 = to the end of the data), which
+on MovieLens is the whole post-cutoff tail (47 days, ~85% of its events from new users, DESIGN
+§9) and gives (c) vs (b) enough queries to mean something (the first 3 days hold ~50).
 
 Streams:
   * movielens: MovieLens-100K, cutoff at the midnight nearest the 80% time quantile (DESIGN §9);
-    most post-cutoff events come from users with no event before it;
-  * synthetic: jobs.synthetic with SYNTHETIC_SPEC: every user returns after the cutoff, and
-    every user's taste drifts once at a random time (drift_prob 1.0), so some drift during the
-    replay.
+  * synthetic: jobs.synthetic with ``synthetic_spec()``: 60k events over 14 days, every user
+    active after the cutoff has events before it (returning users), and every user's taste
+    drifts once at a uniformly random time (drift_prob 1.0), so ~20% drift during the replay.
 
-Seeds: the training seed (TrainConfig.seed + i); the data are the same for every seed. The
-default run bounds the cost (a retrain per replayed day per seed per stream): see DEFAULTS.
+Seeds: the training seed (TrainConfig.seed + i); the data are the same for every seed.
+``--sweep-*`` adds (c) rows with other update settings, scored on the same models and queries.
 Results go to benchmarks/out/temporal_replay.json; ``render`` gives the RESULTS.md section.
 """
 
@@ -47,11 +55,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from twotower.config import IncrementalConfig, Settings, load_settings
+
+if TYPE_CHECKING:
+    from benchmarks.replay_sim import EventLog
+    from streaming.version import LoadedVersion
 
 log = logging.getLogger("benchmarks.temporal_replay")
 OUT = Path(__file__).resolve().parent / "out"
@@ -68,12 +80,13 @@ VARIANT_NAMES = {
 }
 QUANTILE = 0.8
 DEFAULTS = {"seeds": 3, "days": 3, "long_days": 0, "epochs": 8}
-"""Default run: 3 training seeds, 3 replayed days per stream (2 retrains for (d) per seed and
-stream), 8 epochs instead of the product's 12 for every model of the run, so the whole run
-stays within ~12 minutes on 2 idle cores."""
+"""Default run: 3 training seeds; 3 days with every variant (the nightly model plus 2 retrains
+per seed and stream); (a)-(c) to the end of the data; 8 epochs instead of the product's 12 for
+every model of the run (18 trainings in all), so the whole run fits ~12 minutes on 2 idle cores."""
 
 
-def _synthetic_spec():
+def synthetic_spec():
+    """The synthetic stream: returning users with drifting tastes (see the module docstring)."""
     from jobs.synthetic import SyntheticSpec
 
     return SyntheticSpec(n_users=2000, n_items=1000, n_events=60_000, days=14, drift_prob=1.0, seed=7)
@@ -97,7 +110,7 @@ def movielens_source(ml_dir: Path) -> StreamSource:
 def synthetic_source() -> StreamSource:
     from jobs.ingest import ingest_synthetic
 
-    spec = _synthetic_spec()
+    spec = synthetic_spec()
     text = ", ".join(f"{k}={v}" for k, v in asdict(spec).items())
     return StreamSource("synthetic", f"jobs.synthetic SyntheticSpec({text})", lambda raw: ingest_synthetic(raw, spec))
 
@@ -117,7 +130,9 @@ def read_raw_events(raw_dir: Path):
 # --- one seed ----------------------------------------------------------------------------------
 
 
-def replay_seed(versions, log_, cutoff_ms: int, days: int, long_days: int, inc: dict[str, IncrementalConfig]) -> dict[str, Any]:
+def replay_seed(
+    versions: list[LoadedVersion], stream: EventLog, cutoff_ms: int, days: int, long_days: int, inc: dict[str, IncrementalConfig]
+) -> dict[str, Any]:
     """Replay the hours after ``cutoff_ms`` with one seed's models and score every query.
 
     ``versions[k]``: the LoadedVersion trained up to ``cutoff_ms + k days`` (k = 0: the nightly
@@ -132,11 +147,11 @@ def replay_seed(versions, log_, cutoff_ms: int, days: int, long_days: int, inc: 
 
     nightly = versions[0]
     L = nightly.history_len
-    pop = popularity_counts(log_.between(0, cutoff_ms), nightly.item_index)
-    nightly_oov = with_oov_rows(nightly, log_.users_before(cutoff_ms))
-    row_sims = {name: HourlyRows(nightly, cfg, log_) for name, cfg in inc.items()}
-    row_sims["c_oov"] = HourlyRows(nightly_oov, inc["c"], log_)
-    daily_rows = HourlyRows(nightly, inc["c"], log_)
+    pop = popularity_counts(stream.between(0, cutoff_ms), nightly.item_index)
+    nightly_oov = with_oov_rows(nightly, stream.users_before(cutoff_ms))
+    row_sims = {name: HourlyRows(nightly, cfg, stream) for name, cfg in inc.items()}
+    row_sims["c_oov"] = HourlyRows(nightly_oov, inc["c"], stream)
+    daily_rows = HourlyRows(nightly, inc["c"], stream)
     columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     query_users: list[str] = []
     query_hours: list[int] = []
@@ -144,11 +159,11 @@ def replay_seed(versions, log_, cutoff_ms: int, days: int, long_days: int, inc: 
     for hour in range(cutoff_ms, cutoff_ms + long_days * DAY_MS, HOUR_MS):
         day = (hour - cutoff_ms) // DAY_MS
         if day < days and (hour - cutoff_ms) % DAY_MS == 0:  # the day's retrain starts with fresh rows
-            daily_rows = HourlyRows(versions[day], inc["c"], log_)
-        queries = next_hour_queries(log_, hour)
+            daily_rows = HourlyRows(versions[day], inc["c"], stream)
+        queries = next_hour_queries(stream, hour)
         if queries:
-            live = [log_.history(q.user_id, hour, L) for q in queries]
-            frozen = [log_.history(q.user_id, cutoff_ms, L) for q in queries]
+            live = [stream.history(q.user_id, hour, L) for q in queries]
+            frozen = [stream.history(q.user_id, cutoff_ms, L) for q in queries]
             results = {
                 "a": rank_model(nightly, queries, {}, frozen),
                 "b": rank_model(nightly, queries, {}, live),
@@ -270,16 +285,16 @@ def replay_stream(
 
     t0 = time.perf_counter()
     source.ingest(settings.paths.raw_dir)
-    log_ = EventLog(read_raw_events(settings.paths.raw_dir))
-    day0 = cutoff_day(log_.ts, QUANTILE)
+    stream = EventLog(read_raw_events(settings.paths.raw_dir))
+    day0 = cutoff_day(stream.ts, QUANTILE)
     cutoff_ms = day_start_ms(day0 + dt.timedelta(days=1))
-    last_day = -(-(int(log_.ts.max()) + 1 - cutoff_ms) // DAY_MS)
+    last_day = -(-(int(stream.ts.max()) + 1 - cutoff_ms) // DAY_MS)
     long_days = max(days, min(long_days, last_day) if long_days > 0 else last_day)
-    known = log_.users_before(cutoff_ms)
+    known = stream.users_before(cutoff_ms)
     model_days = [day0 + dt.timedelta(days=k) for k in range(days)]
     log.info(
         "%s: cutoff %s (%.1f%% of events before it); all variants over %d days, (a)-(c) over %d days",
-        source.name, _iso(cutoff_ms), 100 * float(np.mean(log_.ts < cutoff_ms)), days, long_days,
+        source.name, _iso(cutoff_ms), 100 * float(np.mean(stream.ts < cutoff_ms)), days, long_days,
     )  # fmt: skip
     t = time.perf_counter()
     for day in model_days:
@@ -295,15 +310,15 @@ def replay_stream(
         train_s += time.perf_counter() - t
         versions = [load_version(s, d.name, {"artifact_dir": str(d)}) for d in dirs]
         t = time.perf_counter()
-        replays.append(replay_seed(versions, log_, cutoff_ms, days, long_days, inc))
+        replays.append(replay_seed(versions, stream, cutoff_ms, days, long_days, inc))
         replay_s += time.perf_counter() - t
         per_seed.append({"seed": seed, "versions": [d.name for d in dirs], "rows_written": replays[-1]["rows_written"], "oov_starts": replays[-1]["oov_starts"]})
-        new_in_vocab = len((set(versions[0].user_index) - known) & {e.user_id for e in log_.between(cutoff_ms, cutoff_ms + long_days * DAY_MS)})
+        new_in_vocab = len((set(versions[0].user_index) - known) & {e.user_id for e in stream.between(cutoff_ms, cutoff_ms + long_days * DAY_MS)})
 
     windows = {}
     for wname, wdays in (("retrain", days), ("long", long_days)):
         end_ms = cutoff_ms + wdays * DAY_MS
-        events = log_.between(cutoff_ms, end_ms)
+        events = stream.between(cutoff_ms, end_ms)
         new_users = {e.user_id for e in events} - known
         first = replays[0]
         mask = first["query_hours"] < end_ms
@@ -332,7 +347,7 @@ def replay_stream(
         "logical_date": day0.isoformat(),
         "seeds": seeds,
         "epochs": settings.train.epochs,
-        "events_before_cutoff": int(np.sum(log_.ts < cutoff_ms)),
+        "events_before_cutoff": int(np.sum(stream.ts < cutoff_ms)),
         "new_users_in_vocabulary": new_in_vocab,
         "targets_unknown_to_nightly_model": {"targets": replays[0]["targets"], "unknown": replays[0]["unknown_targets"]},
         "incremental": {name: _inc_dict(cfg) for name, cfg in inc.items()},
@@ -442,13 +457,45 @@ def _verdict(w: dict[str, Any]) -> str:
     return f"{ok}, mean difference {d['mean']:+.4f} (per seed " + ", ".join(f"{x:+.4f}" for x in d["per_seed"]) + ")"
 
 
+def _days(n: int) -> str:
+    return f"{n} day" + ("" if n == 1 else "s")
+
+
+def _machine(m: dict[str, Any]) -> str:
+    return f"{m.get('platform', '?')}, Python {m.get('python', '?')}, {m.get('cpus', '?')} CPUs"
+
+
+def _window_lines(w: dict[str, Any]) -> list[str]:
+    """The table of one window: a row per variant scored over it."""
+    lines = [
+        f"{_days(w['days'])} after the cutoff: {w['hours']} hours with queries, {w['queries']:,} queries "
+        f"({w['queries_new_users']:,} from new users), {w['events']:,} events, "
+        f"{100 * w['share_events_new_users']:.0f}% of them from users with no event before the cutoff.",
+        "",
+        "| variant | hit@50 mean (min–max) | recall@50 | hit@50, new users | hit@50, returning users |",
+        "|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        s = w["summary"].get(v)
+        if s is None:
+            why = "needs a retrain per replayed day; measured over the first days only" if v in ("d", "e") else "no query in the window"
+            lines.append(f"| {VARIANT_NAMES[v]} | not measured: {why} | | | |")
+            continue
+        lines.append(
+            f"| {VARIANT_NAMES[v]} | {_fmt_spread(s['hit@50'])} | {_fmt(s['recall@50']['mean'])} | "
+            f"{_fmt(s['hit@50_new_users']['mean'])} | {_fmt(s['hit@50_returning_users']['mean'])} |"
+        )
+    return lines + ["", f"(c) >= (b) over {_days(w['days'])}: {_verdict(w)}.", ""]
+
+
 def render(result: dict[str, Any]) -> list[str]:
-    """Markdown lines of the RESULTS.md section: one table per stream, then the sweep if any. Pure."""
+    """Markdown lines of the RESULTS.md section: per stream a table per window, then the
+    comparison of update settings (always the OOV diagnostic, plus a sweep when one ran). Pure."""
     inc = result["incremental_defaults"]
     lines = [
         "## Does the incremental path pay? Temporal replay, next-hour hit@50",
         "",
-        f"Command: `{result['command']}`. Measured {result['measured_at']} on {result['machine']} in {result['seconds']:.0f} s.",
+        f"Command: `{result['command']}`. Measured {result['measured_at']} on {_machine(result['machine'])}, {result['seconds']:.0f} s wall.",
         "",
         f"- Models: the product's Spark prepare + trainer (jobs.nightly stage_prepare, stage_train), {result['train_epochs']} epochs "
         f"(product default {result['product_default_epochs']}), one set per training seed; exact ranking (no index).",
@@ -456,48 +503,26 @@ def render(result: dict[str, Any]) -> list[str]:
         f"min_events_new_user={inc['min_events_new_user']} (load_settings()); rows kept in memory instead of Redis.",
         "- Query: a user active in hour h+1; targets: the items of their h+1 events they had not interacted with before; "
         "the whole corpus ranked with every item seen before h+1 excluded; hit@50 = at least one target in the top 50. "
-        "Mean over the window's queries; spread = min–max over seeds. (d) and (e) retrain daily, so they cover the first days only.",
+        "Mean over the window's queries; spread = min–max over seeds. New users: no event before the cutoff.",
         "",
     ]
     for name, r in result["streams"].items():
         short, long_ = r["windows"]["retrain"], r["windows"]["long"]
-        two = long_["days"] > short["days"]
         lines += [f"### {name}", "", f"{r['source']}. Cutoff {r['cutoff']} (nightly logical date {r['logical_date']}), seeds {', '.join(map(str, r['seeds']))}.", ""]
-        for w in (short, long_) if two else (short,):
-            lines.append(
-                f"- {w['days']} days after the cutoff: {w['hours']} hours with queries, {w['queries']:,} queries "
-                f"({w['queries_new_users']:,} from new users), {w['events']:,} events, "
-                f"{100 * w['share_events_new_users']:.0f}% of them from users with no event before the cutoff."
-            )
-        lines += [
-            f"- Users first active after the cutoff that the nightly vocabulary already holds (attribute table): {r['new_users_in_vocabulary']:,}; "
-            "they are served, and updated, from a never-trained ID row.",
-            "",
-        ]
-        head = f"| variant | hit@50, {short['days']} days (min–max) | recall@50 | hit@50 new users | hit@50 returning users |"
-        head += f" hit@50, {long_['days']} days (min–max) |" if two else ""
-        lines += [head, "|---" * (6 if two else 5) + "|"]
-        for v in VARIANTS:
-            s = short["summary"].get(v)
-            if s is None:
-                lines.append(f"| {VARIANT_NAMES[v]} | not measured |" + " |" * (4 if two else 3))
-                continue
-            row = (
-                f"| {VARIANT_NAMES[v]} | {_fmt_spread(s['hit@50'])} | {_fmt(s['recall@50']['mean'])} | "
-                f"{_fmt(s['hit@50_new_users']['mean'])} | {_fmt(s['hit@50_returning_users']['mean'])} |"
-            )
-            if two:
-                lv = long_["summary"].get(v)
-                row += f" {_fmt_spread(lv['hit@50']) if lv else 'not measured (needs a retrain per day)'} |"
-            lines.append(row)
-        lines += ["", f"(c) >= (b) over {short['days']} days: {_verdict(short)}."]
-        if two:
-            lines.append(f"(c) >= (b) over {long_['days']} days: {_verdict(long_)}.")
-        lines.append("")
+        if r["new_users_in_vocabulary"]:
+            lines += [
+                f"{r['new_users_in_vocabulary']:,} users first active after the cutoff are already in the nightly vocabulary "
+                "(prepare adds every user of the attribute table), so serving and the hourly update start them from a "
+                "never-trained ID row, not the OOV row; min_events_new_user never applies to them.",
+                "",
+            ]
+        lines += _window_lines(short)
+        if long_["days"] > short["days"]:
+            lines += _window_lines(long_)
         others = [k for k in long_["c_minus_b_hit@50"] if k != "c"]
         if others:
             lines += [
-                f"Hourly update settings compared on the same models and queries ({long_['days']} days):",
+                f"(c) with other update settings, on the same models and queries ({_days(long_['days'])}):",
                 "",
                 "| setting | (c) hit@50 (min–max) | (c) − (b) mean | worst seed |",
                 "|---|---|---|---|",
