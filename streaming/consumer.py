@@ -66,6 +66,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from streaming.clients import BrokerWatch
 from streaming.events import Limits, Rejection, dead_letter_headers, dead_letter_value, parse_event
 from streaming.faults import crash_point
 from streaming.hour import HourResult, apply_hour
@@ -170,6 +171,7 @@ class IncrementalConsumer:
         self._last_version_check = 0.0
         self._last_progress = time.monotonic()
         self._dlq_pending = False
+        self.broker = BrokerWatch(settings.kafka, f"incremental consumer (group {settings.kafka.group_id})")
         self._applier: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None
         self._inflight_positions: dict[int, Checkpoint] = {}
@@ -552,6 +554,7 @@ class IncrementalConsumer:
                 break
             # the hours submitted last time are written by the applier thread during this poll and parse
             batch = self.kc.poll(timeout_ms=500, max_records=self.cfg.poll_max_records)
+            self.broker.check()  # says in words when the broker is lost and when it is back
             if self.pending:
                 self._collect()
                 self._start_pending()
@@ -560,6 +563,11 @@ class IncrementalConsumer:
                 self._learn_ends()  # before ingesting: the fetch that brought records also brought the end
             for tp, records in batch.items():
                 self._ingest(tp.partition, records)
+            if self._dlq_pending:
+                # dead letters marked as soon as they are durable: a restart does not send them again
+                self.producer.flush()
+                self.state.save_dlq_marks({p: o for p, o in self.dlq_next.items() if p in self.trackers})
+                self._dlq_pending = False
             if self.trackers:
                 self._collect()
                 self._submit_closable()
@@ -639,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)  # "task ran for 0.3s" noise on busy hosts
+    # a broker outage makes these print ~10 lines a second; BrokerWatch says it once, in words
+    logging.getLogger("kafka.net").setLevel(logging.CRITICAL)
+    logging.getLogger("kafka.cluster").setLevel(logging.CRITICAL)
     settings = load_settings()
     report = run(settings, args.mode, max_seconds=args.max_seconds, handle_signals=True)
     import json

@@ -20,6 +20,31 @@ from typing import Any, Mapping
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the password of its authority part replaced by ``***`` (for logs and reprs)."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
+def _redacted_repr(obj: Any) -> str:
+    """The dataclass repr with secrets masked: fields named in ``SECRET_FIELDS`` show ``***``
+    when set, and fields named in ``URL_FIELDS`` lose the password they may carry."""
+    shown = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in getattr(obj, "SECRET_FIELDS", ()) and value:
+            value = "***"
+        elif f.name in getattr(obj, "URL_FIELDS", ()):
+            value = redact_url(value)
+        shown.append(f"{f.name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
+
+
 @dataclass(frozen=True)
 class PathsConfig:
     state_dir: Path = PROJECT_ROOT / "state"
@@ -160,8 +185,12 @@ class GateConfig:
     """Absolute floor of ``metric``; a model below it is never published."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RedisConfig:
+    SECRET_FIELDS = ("password",)
+    URL_FIELDS = ("url",)
+    __repr__ = _redacted_repr
+
     url: str = "redis://127.0.0.1:6379/0"
     """Redis URL; ``rediss://`` for TLS. Env: REDIS_URL."""
     prefix: str = "tt"
@@ -180,8 +209,11 @@ class RedisConfig:
     """CA bundle for ``rediss://`` when the server's certificate is not in the system store."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class KafkaConfig:
+    SECRET_FIELDS = ("sasl_password",)
+    __repr__ = _redacted_repr
+
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated brokers. Env: KAFKA_BOOTSTRAP_SERVERS."""
     topic: str = "interactions"
@@ -272,8 +304,11 @@ class RunConfig:
     """Synthetic fallback size: events."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AirflowConfig:
+    URL_FIELDS = ("db_url",)
+    __repr__ = _redacted_repr
+
     home: str = ""
     """AIRFLOW_HOME; empty = ``<state_dir>/airflow`` (config, SQLite DB, task logs; ignored by git)."""
     dags_folder: Path = PROJECT_ROOT / "dags"

@@ -32,6 +32,7 @@ CASES = {
     # name: (environment, how to break the input, logical date shift in days, error type, words in the message)
     "corrupt raw partition": ({}, corrupt_last_partition, 0, "PrepareError", ["unreadable", "corrupted"]),
     "no raw partition in the window": ({"TT_PREPARE_WINDOW_DAYS": "30"}, None, -400, "PrepareError", ["no raw partition in the window", "ingest"]),
+    "raw partition of the logical date missing": ({}, None, 1, "PrepareError", ["waiting for raw partition", "would publish data that stops before"]),
     "NaN loss": ({"TT_MODEL_TEMPERATURE": "1e-45"}, None, 0, "TrainingDiverged", ["training diverged", "nothing was written"]),
     "index recall below the floor": ({"TT_INDEX_RECALL_FLOOR": "1.01"}, None, 0, "IndexQualityError", ["below the floor", "cannot be published"]),
 }
