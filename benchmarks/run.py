@@ -51,7 +51,10 @@ def section(name: str, title: str, result: dict[str, Any] | None, failure: str |
     render = getattr(module, "render", None)
     if render is None:
         return lines + ["```json", json.dumps(result, indent=2)[:6000], "```", ""]
-    return lines + list(render(result)) + [""]
+    body = list(render(result))
+    if body and body[0].startswith("#"):  # the module writes its own heading and command line
+        return body + [""]
+    return lines + body + [""]
 
 
 def machine_line(results: dict[str, dict]) -> str:
