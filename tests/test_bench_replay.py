@@ -255,11 +255,12 @@ def test_window_summary_and_spread():
 
 
 def test_sweep_configs_keep_the_defaults_as_c_and_name_the_rest():
-    base = IncrementalConfig()
-    out = sweep_configs(base, [1, base.steps], [0.01], [])
+    base = IncrementalConfig(steps=5, lr=0.05, min_events_new_user=1)
+    out = sweep_configs(base, [1, 5], [0.01, 0.05], [])
     assert out["c"] == base
-    assert set(out) == {"c", "c[steps=1,lr=0.01,min_events=1]", f"c[steps={base.steps},lr=0.01,min_events=1]"}
-    assert out["c[steps=1,lr=0.01,min_events=1]"].steps == 1
+    assert set(out) == {"c", "c[steps=1,lr=0.01,min_events=1]", "c[steps=1,lr=0.05,min_events=1]", "c[steps=5,lr=0.01,min_events=1]"}
+    assert out["c[steps=1,lr=0.01,min_events=1]"] == IncrementalConfig(steps=1, lr=0.01, min_events_new_user=1)
+    assert set(sweep_configs(base, [], [], [3])) == {"c", "c[steps=5,lr=0.05,min_events=3]"}  # missing axes keep base
     assert sweep_configs(base, [], [], []) == {"c": base}
 
 
