@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from airflow.sdk.exceptions import AirflowSkipException
 
-from jobs.prepare_io import raw_day_ready  # noqa: F401 - the DAG's wait_for_raw sensor uses it
+from jobs.raw_ready import raw_day_ready  # noqa: F401 - the DAG's wait_for_raw sensor uses it
 from twotower.config import AirflowConfig
 
 log = logging.getLogger("twotower.dags")

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 def stage_prepare(settings: Settings, day: dt.date) -> Path:
     """Spark: raw events of the window ending at ``day`` -> the complete prepared partition."""
     from jobs.prepare import run_prepare
-    from jobs.prepare_io import PrepareError, raw_day_ready
+    from jobs.prepare_io import PrepareError
+    from jobs.raw_ready import raw_day_ready
 
     # Without D's events the version would claim data through D, the hourly path would start
     # after D, and D's events would reach no row (Airflow's sensor waits; direct runs stop here).
