@@ -248,8 +248,8 @@ def run(rate: int = 5000, minutes: float = 10.0, malformed: float = 0.005, n_use
             "exact": report["records_read"] == produced_valid + produced_bad and accounted == produced_valid
             and report["dead_letters"] == produced_bad == dlq,
         },
-        "rss_mb": {"second_minute_median": statistics.median(warm) if warm else None,
-                   "last_minute_median": statistics.median(last) if last else None, "max": max(rss, default=None)},  # fmt: skip
+        "rss_mb": {"second_minute_median": round(statistics.median(warm), 1) if warm else None,
+                   "last_minute_median": round(statistics.median(last), 1) if last else None, "max": max(rss, default=None)},  # fmt: skip
         "memory_flat": bool(warm and last and statistics.median(last) <= 1.1 * statistics.median(warm)),
         "hours_applied": report["hours_applied"],
         "samples": samples,
