@@ -136,7 +136,9 @@ def test_nightly_publish_survives_a_redis_restart_and_never_exposes_a_half_writt
     assert any("did not answer" in r.getMessage() and "retry 1 of" in r.getMessage() for r in caplog.records)
     assert result["switched"] is True and result["previous"] == v1.name
     assert result["rows_written"] + result["rows_kept"] == n_users
-    assert watch.violations == [] and watch.samples > 10 and watch.unreachable > 0
+    # the watcher saw the pointer on both sides of the outage (how many times depends on how
+    # busy the machine is: each sample scans the version's rows)
+    assert watch.violations == [] and watch.samples >= 3 and watch.unreachable > 0
     ptr = {k.decode(): v.decode() for k, v in client.hgetall(redis_keys.pointer(s.redis.prefix)).items()}
     assert (ptr["current"], ptr["previous"]) == (v2.name, v1.name)
     for version in (v1, v2):  # both complete and exact: the new one and the one kept for rollback
