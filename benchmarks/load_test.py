@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.stream_throughput import OUT, _drop_prefix, machine
+from benchmarks.limits_common import drop_prefix, write_result
+from benchmarks.stream_throughput import OUT, machine
 from twotower.config import Settings, load_settings
 from twotower.logs import setup_logging
 
@@ -216,7 +217,7 @@ def run(rate: int = 5000, minutes: float = 10.0, malformed: float = 0.005, n_use
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        _drop_prefix(s)
+        drop_prefix(client, s.redis.prefix)
         client.close()
     accounted = report["events_in_hours"] + report["events_open"] + report["late_events"]
     rss = [x["rss_mb"] for x in samples]
@@ -283,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate and --minutes must be positive and --malformed in [0, 1)")
     setup_logging()
     result = run(args.rate, args.minutes, args.malformed)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "load_test.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result)
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     return 0
 

@@ -24,10 +24,13 @@ import shutil
 import sys
 import time
 import uuid
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.limits_common import drop_prefix, write_result
+from jobs.redis_conn import redis_client
 from twotower.config import Settings, load_settings
 from twotower.logs import setup_logging
 
@@ -100,7 +103,8 @@ def run(n_events: int = 100_000, days: int = 10) -> dict[str, Any]:
         e2e_s, e2e_cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         shutil.rmtree(state, ignore_errors=True)
-        _drop_prefix(settings)
+        with closing(redis_client(settings)) as client:
+            drop_prefix(client, settings.redis.prefix)
     raw_rate = raw_n / raw_s if raw_s else float("nan")
     e2e_rate = report["records_read"] / e2e_s if e2e_s else float("nan")
     return {
@@ -154,17 +158,6 @@ def render(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _drop_prefix(settings: Settings) -> None:
-    from jobs.redis_conn import redis_client
-
-    client = redis_client(settings)
-    try:
-        for key in client.scan_iter(match=f"{settings.redis.prefix}:*", count=1000):
-            client.unlink(key)
-    finally:
-        client.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stream_throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -172,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     result = run(args.events, args.days)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "stream_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result)
     print(json.dumps(result, indent=2))
     return 0
 
