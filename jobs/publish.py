@@ -6,7 +6,8 @@ Order, so that serving never sees half a version:
    ``force`` is off — a backfill must not silently roll serving back;
 2. register the version in ``<p>:versions`` (so a crashed attempt is found and cleaned up);
 3. per user, pipelined in batches of ``redis.batch_size`` with progress logs:
-   the user-ID row ``<p>:row:<v>:{u:<id>}`` = {e: float32 LE bytes, w: -1, n: 0}, written only
+   the user-ID row ``<p>:row:<v>:{u:<id>}`` = {e: float32 LE bytes, w: -1, n: 0} (for a user
+   without a training example, a copy of the OOV row 0 made by training), written only
    if the row does not exist yet (a re-run after a crash fills the gaps and never overwrites a
    row the incremental updater has already moved), and the history at the data cutoff, added
    to ``<p>:hist:{u:<id>}`` (members ``<event_id>\\t<item_id>`` scored by ts: idempotent) and
@@ -98,6 +99,8 @@ class VersionFacts:
     history_len: int
     metrics: dict[str, Any]
     index: dict[str, Any]
+    users_without_examples: int | None
+    """Users whose row is the OOV row (manifest; None for an artifact trained before it was counted)."""
 
 
 def ms_iso(ms: int) -> str:
@@ -137,6 +140,7 @@ def version_facts(settings: Settings, artifact_dir: Path, prepared_dir: Path | N
         history_len=int(prepared_manifest.get("history_len", settings.prepare.history_len)),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
         index=read_index_meta(artifact_dir),
+        users_without_examples=manifest.get("users_without_examples"),
     )
 
 
@@ -200,6 +204,7 @@ def version_metadata(facts: VersionFacts, n_users: int, id_dim: int, published_a
         "index": {k: v for k, v in facts.index.items() if k != "tuning"},
         "artifact_dir": str(facts.artifact_dir),
         "n_users": n_users,
+        "users_without_examples": facts.users_without_examples,
         "n_items": int(facts.index.get("n_items", 0)),
         "id_dim": id_dim,
         "history_len": facts.history_len,
@@ -344,7 +349,7 @@ def publish_version(
     ``force`` publishes over a serving version with a newer data cutoff (a deliberate rollback
     or backfill). ``on_batch(batch_number, users_done)`` is called after each pipelined batch.
     Returns {version, switched, previous, rows_written, rows_kept, histories_written,
-    deleted_versions, seconds} plus ``reason`` when the pointer was not moved.
+    users_without_examples, deleted_versions, seconds} plus ``reason`` when the pointer was not moved.
     """
     from jobs.redis_conn import redis_client
 
@@ -355,7 +360,8 @@ def publish_version(
     client = client or redis_client(settings)
     result: dict[str, Any] = {
         "version": version, "switched": False, "previous": None, "rows_written": 0, "rows_kept": 0,
-        "histories_written": 0, "deleted_versions": [], "seconds": 0.0,
+        "histories_written": 0, "users_without_examples": facts.users_without_examples,
+        "deleted_versions": [], "seconds": 0.0,
     }  # fmt: skip
     try:
         pointer = pointer_state(client, prefix)
@@ -380,8 +386,10 @@ def publish_version(
         user_ids, rows = user_rows(facts.artifact_dir)
         size = settings.redis.batch_size
         log.info(
-            "publish %s: writing %s user rows (dim %d), then histories (<= %d events each), in batches of %d",
-            version, f"{len(user_ids):,}", rows.shape[1], facts.history_len, size,
+            "publish %s: writing %s user rows (dim %d; %s of them the OOV row: users without a training example), "
+            "then histories (<= %d events each), in batches of %d",
+            version, f"{len(user_ids):,}", rows.shape[1],
+            "?" if facts.users_without_examples is None else f"{facts.users_without_examples:,}", facts.history_len, size,
         )  # fmt: skip
         written, kept = write_rows(client, prefix, version, user_ids, rows, size, on_batch)
         history = history_batches(facts.artifact_dir, facts.prepared_dir, facts.history_len, size)

@@ -72,8 +72,8 @@ def train_version(settings: Settings, prepared_dir: Path) -> Path:
     target = settings.paths.artifacts_dir / version
     write_artifact(target, prepared_dir, result, item_vecs, artifact_manifest(version, manifest, settings, result))
     log.info(
-        "version %s written to %s: %.1f s of training at %s samples/s",
-        version, target, result.seconds, f"{result.samples_per_s:,.0f}",
+        "version %s written to %s: %.1f s of training at %s samples/s, %s user rows set to the OOV row",
+        version, target, result.seconds, f"{result.samples_per_s:,.0f}", f"{result.users_without_examples:,}",
     )  # fmt: skip
     return target
 
@@ -91,6 +91,8 @@ def artifact_manifest(version: str, prepared_manifest: dict, settings: Settings,
         "threads": result.threads,
         "torch_version": torch.__version__,
         "epoch_loss": [round(x, 6) for x in result.epoch_loss],
+        # vocabulary users without a training example: their ID row is a copy of row 0 (OOV)
+        "users_without_examples": result.users_without_examples,
         # timing fields: the only ones that differ between two runs of the same version
         "trained_at": round(time.time(), 3),
         "train_seconds": round(result.seconds, 3),

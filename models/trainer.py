@@ -1,5 +1,11 @@
 """The training loop: examples in memory -> a trained TwoTower. No file I/O (jobs.train does that).
 
+User-ID rows of vocabulary users without a training example (ids kept from an earlier
+partition's vocabulary with no event in this window, ids known only from the attribute
+catalog) never get a gradient, so after training they would still hold their random init and
+be served as if learned. ``fit`` overwrites them with row 0, the out-of-vocabulary row that
+user-ID dropout trains to stand for "a user we know nothing about" (models.towers).
+
 Determinism: the same seed, data, config and torch thread count give bitwise-identical
 weights. Parameter init, dropout and user-ID dropout draw from torch's RNG, seeded here inside
 ``torch.random.fork_rng`` so the caller's RNG state is left untouched; batch order comes from
@@ -41,6 +47,8 @@ class TrainResult:
     samples_per_s: float
     threads: int
     epoch_loss: list[float] = field(default_factory=list)
+    users_without_examples: int = 0
+    """Vocabulary users with no training example, whose ID row was set to row 0 (OOV)."""
 
 
 def resolve_threads(requested: int) -> int:
@@ -51,6 +59,26 @@ def resolve_threads(requested: int) -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not Linux
         return max(os.cpu_count() or 1, 1)
+
+
+def users_without_examples(user_idx: np.ndarray, n_users: int) -> np.ndarray:
+    """Vocabulary indices in ``1..n_users`` that occur nowhere in ``user_idx`` (the train
+    split's int array ``[N]``), ascending, ``int64 [k]``. Pure.
+
+    These are exactly the user-ID rows training never reads: a batch looks up the rows of its
+    examples' users (or row 0 when user-ID dropout hides one), nothing else.
+    """
+    if len(user_idx) and (user_idx.min() < 0 or user_idx.max() > n_users):
+        raise ValueError(f"user_idx outside the vocabulary 0..{n_users}")
+    counts = np.bincount(np.asarray(user_idx, dtype=np.int64), minlength=n_users + 1)
+    return np.flatnonzero(counts[1:] == 0).astype(np.int64) + 1
+
+
+@torch.no_grad()
+def copy_oov_row(model: TwoTower, rows: np.ndarray) -> None:
+    """Set the user-ID embedding rows ``rows`` (int64 [k], each >= 1) to row 0, in place."""
+    table = model.user_id_embedding.weight
+    table[torch.from_numpy(rows)] = table[0].clone()  # a view of the table may not be written into it
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -85,6 +113,8 @@ def fit(
     item_log_prob  float32 [n_items + 1], log p of each item as a target (logQ with
                    ``logq_source="counts"``); unused otherwise
     sizes          n_users, n_items, n_attrs, history_len (the vocabulary sizes)
+    After training, the rows of users without an example are copied from row 0 (module
+    docstring); ``TrainResult.users_without_examples`` counts them.
     Raises TrainingDiverged on a NaN/inf loss and ValueError on an empty split.
     """
     if len(examples) == 0:
@@ -181,4 +211,11 @@ def _fit(model_cfg, train_cfg, examples, features, item_log_prob, sizes, threads
         )  # fmt: skip
     seconds = time.perf_counter() - started
     model.eval()
-    return TrainResult(model, seconds, n * train_cfg.epochs / seconds, threads, epoch_loss)
+    untrained = users_without_examples(examples.user_idx, sizes["n_users"])
+    copy_oov_row(model, untrained)
+    log.info(
+        "%s of %s vocabulary users have no training example: their ID rows were set to the OOV row 0%s",
+        f"{len(untrained):,}", f"{sizes['n_users']:,}",
+        "" if train_cfg.user_id_dropout > 0 else " (untrained too: user_id_dropout is 0)",
+    )  # fmt: skip
+    return TrainResult(model, seconds, n * train_cfg.epochs / seconds, threads, epoch_loss, len(untrained))

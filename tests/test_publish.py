@@ -6,31 +6,60 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from jobs.publish import publish_version, versions_to_delete
-from tests.publish_fixtures import clone_version, tiny_settings, tiny_version
+from tests.model_fixtures import write_tiny_prepared
+from tests.publish_fixtures import clone_version, tiny_settings
 from twotower import redis_keys
 from twotower.config import Settings
 from twotower.contracts import ARTIFACT_FILES
 
 DAY_MS = 86_400_000
+IDLE_USER = "u25"
+"""In the vocabulary (kept from an earlier partition) but without any event in the window, so
+without a training example: its published row must be the OOV row 0."""
 
 
 class Crash(RuntimeError):
     pass
 
 
+def add_idle_user(prepared, user_id: str) -> None:
+    """Append ``user_id`` to the partition's user vocabulary (and users table, no attributes)
+    without any example or history, as prepare does for a user of an earlier vocabulary who
+    had no event in this window."""
+    vocab = pq.read_table(prepared / "vocab_users.parquet")
+    idx = len(vocab) + 1
+    new = pa.table({"user_id": [user_id], "idx": pa.array([idx], pa.int32())})
+    pq.write_table(pa.concat_tables([vocab, new.cast(vocab.schema)]), prepared / "vocab_users.parquet")
+    users = pq.read_table(prepared / "users.parquet")
+    new = pa.table({"user_idx": pa.array([idx], pa.int32()), "user_id": [user_id], "attrs": pa.array([[]], pa.list_(pa.int32()))})
+    pq.write_table(pa.concat_tables([users, new.cast(users.schema)]), prepared / "users.parquet")
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    (prepared / "manifest.json").write_text(json.dumps({**manifest, "n_users": idx}, indent=2, sort_keys=True))
+
+
 @pytest.fixture(scope="module")
 def base_version(tmp_path_factory):
-    """One trained+indexed tiny version, shared by this module's tests (copied per test)."""
+    """One trained+evaluated+indexed tiny version (24 users with examples and the idle user),
+    shared by this module's tests (copied per test)."""
+    from jobs.evaluate import evaluate_exact
+    from jobs.index import build_index
+    from jobs.train import train_version
     from twotower.config import load_settings
 
     root = tmp_path_factory.mktemp("publish_base")
     s = tiny_settings(load_settings().replace("paths", state_dir=root / "state"))
-    return tiny_version(s)
+    prepared = write_tiny_prepared(s.paths.prepared_dir)
+    add_idle_user(prepared, IDLE_USER)
+    artifact = train_version(s, prepared)
+    evaluate_exact(s, artifact, prepared)
+    build_index(s, artifact, prepared)
+    return artifact, prepared
 
 
 @pytest.fixture
@@ -72,13 +101,18 @@ def test_publish_writes_exact_rows_histories_and_metadata(s, redis_client):
     p = s.redis.prefix
     result = publish_version(s, v1, client=redis_client)
     assert result["switched"] is True and result["previous"] is None
-    assert (result["rows_written"], result["rows_kept"], result["histories_written"]) == (24, 0, 24)
+    assert (result["rows_written"], result["rows_kept"], result["histories_written"]) == (25, 0, 24)
+    assert result["users_without_examples"] == 1
 
     ptr = pointer(redis_client, s)
     assert ptr["current"] == v1.name and "previous" not in ptr
     for user_id, row in expected_rows(v1).items():
         stored = redis_client.hgetall(redis_keys.user_row(p, v1.name, user_id))
         assert stored == {b"e": row, b"w": b"-1", b"n": b"0"}
+    oov_row = torch.load(v1 / ARTIFACT_FILES["model"], weights_only=True)["user_id_embedding.weight"][0]
+    idle = redis_client.hget(redis_keys.user_row(p, v1.name, IDLE_USER), "e")
+    assert idle == oov_row.numpy().astype("<f4").tobytes()
+    assert redis_client.hget(redis_keys.user_row(p, v1.name, "u1"), "e") != idle  # trained users keep their own row
 
     hist = pq.read_table(s.paths.prepared_dir / "dt=2024-01-30" / "user_history.parquet").to_pydict()
     for u, items, ts, eids in zip(hist["user_idx"], hist["hist"], hist["hist_ts"], hist["hist_event_ids"]):
@@ -90,7 +124,8 @@ def test_publish_writes_exact_rows_histories_and_metadata(s, redis_client):
     assert meta["version"] == v1.name and meta["artifact_dir"] == str(v1.resolve())
     assert meta["data_cutoff_ms"] == manifest["data_cutoff_ms"] == 1_706_659_200_000
     assert meta["data_cutoff"] == "2024-01-31T00:00:00.000Z"
-    assert (meta["n_users"], meta["n_items"], meta["id_dim"], meta["history_len"]) == (24, 30, 8, 5)
+    assert (meta["n_users"], meta["n_items"], meta["id_dim"], meta["history_len"]) == (25, 30, 8, 5)
+    assert meta["users_without_examples"] == manifest["users_without_examples"] == 1
     assert meta["metrics"] == json.loads((v1 / "metrics.json").read_text())
     assert meta["index"]["type"] == "Flat" and meta["index"]["n_items"] == 30
     assert meta["trained_at"] == manifest["trained_at"]
@@ -112,11 +147,11 @@ def test_crash_mid_publish_keeps_the_old_version_serving_and_a_rerun_completes(s
     assert pointer(redis_client, s) == before  # serving untouched
     assert redis_client.get(redis_keys.version_meta(p, v2.name)) is None  # not marked complete
     assert len(row_keys(redis_client, s, v2.name)) == 10  # two batches of 5 got in
-    assert len(row_keys(redis_client, s, v1.name)) == 24
+    assert len(row_keys(redis_client, s, v1.name)) == 25
 
     result = publish_version(s, v2, client=redis_client)
     assert result["switched"] is True and result["previous"] == v1.name
-    assert (result["rows_written"], result["rows_kept"]) == (14, 10)
+    assert (result["rows_written"], result["rows_kept"]) == (15, 10)
     for user_id, row in expected_rows(v2).items():
         assert redis_client.hget(redis_keys.user_row(p, v2.name, user_id), "e") == row
     assert pointer(redis_client, s)["current"] == v2.name
@@ -132,7 +167,7 @@ def test_old_versions_are_deleted_and_the_previous_one_kept(s, redis_client):
     assert result["deleted_versions"] == [v1.name]
     assert row_keys(redis_client, s, v1.name) == []
     assert redis_client.get(redis_keys.version_meta(p, v1.name)) is None
-    assert len(row_keys(redis_client, s, v2.name)) == 24 and len(row_keys(redis_client, s, v3.name)) == 24
+    assert len(row_keys(redis_client, s, v2.name)) == 25 and len(row_keys(redis_client, s, v3.name)) == 25
     assert {v.decode() for v in redis_client.zrange(redis_keys.versions(p), 0, -1)} == {v2.name, v3.name}
     ptr = pointer(redis_client, s)
     assert (ptr["current"], ptr["previous"]) == (v3.name, v2.name)

@@ -12,7 +12,7 @@ import torch
 
 from jobs.train import train_version, version_name
 from models.towers import load_model
-from models.trainer import TrainingDiverged, learning_rate
+from models.trainer import TrainingDiverged, learning_rate, users_without_examples
 from tests.model_fixtures import write_tiny_prepared
 from twotower.config import Settings, TrainConfig
 from twotower.contracts import ARTIFACT_FILES
@@ -90,6 +90,7 @@ def test_artifact_holds_what_the_other_stages_read(tiny):
     assert manifest["data_cutoff_ms"] == 1_706_572_800_000 + 86_400_000
     assert manifest["prepared_manifest"]["n_train"] == json.loads((prepared / "manifest.json").read_text())["n_train"]
     assert manifest["samples_per_s"] > 0 and len(manifest["epoch_loss"]) == 1
+    assert manifest["users_without_examples"] == 0  # every tiny user has train examples
     assert (art / "users.parquet").read_bytes() == (prepared / "users.parquet").read_bytes()
 
 
@@ -117,6 +118,36 @@ def test_streaming_logq_and_user_id_dropout_train_the_oov_row(tiny):
 
     initial = TwoTower(s.model, 24, 30, 7, 5).user_id_embedding.weight[0]
     assert not torch.allclose(trained, initial)
+
+
+def test_users_without_examples_are_the_vocabulary_rows_no_example_reads():
+    train_users = np.array([3, 1, 3, 5, 1], dtype=np.int64)
+    got = users_without_examples(train_users, n_users=7)
+    assert got.dtype == np.int64 and got.tolist() == [2, 4, 6, 7]
+    assert users_without_examples(np.array([1, 2], np.int64), n_users=2).tolist() == []
+    assert users_without_examples(np.zeros(0, np.int64), n_users=3).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        users_without_examples(np.array([4], np.int64), n_users=3)
+
+
+def test_a_user_without_training_example_gets_the_oov_row(tiny):
+    """User 5's examples are left out of training: its row must be row 0, not its random init."""
+    from models.data import log_sampling_prob, read_examples, read_item_counts
+    from models.features import load_feature_tables
+    from models.trainer import fit
+
+    s, prepared = tiny
+    s = s.replace("train", user_id_dropout=0.3)
+    sizes = {"n_users": 24, "n_items": 30, "n_attrs": 7, "history_len": 5}
+    examples = read_examples(prepared, "train", 5)
+    keep = examples.user_idx != 5
+    examples = type(examples)(*(getattr(examples, f)[keep] for f in ("user_idx", "item_idx", "weight", "ts", "hist")))
+    features = load_feature_tables(prepared, 24, 30)
+    result = fit(s.model, s.train, examples, features, log_sampling_prob(read_item_counts(prepared, 30)), sizes)
+    table = result.model.user_id_embedding.weight.detach()
+    assert result.users_without_examples == 1
+    assert torch.equal(table[5], table[0])
+    assert not any(torch.equal(table[u], table[0]) for u in range(1, 25) if u != 5)
 
 
 def test_version_name_depends_on_data_and_config():
