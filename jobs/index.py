@@ -3,13 +3,21 @@
     item_embeddings.npy rows 1..n_items (unit norm, ids = item_idx)
         -> candidates from jobs.index_params (IVF-PQ first; honest fallbacks for tiny corpora)
         -> train (on a seeded sample of nlist x ``index.train_points_per_list`` vectors) + add
-           on the GPU when Faiss sees one (index_cpu_to_gpu), else on the CPU;
-           the index is moved back with index_gpu_to_cpu before anything else happens
+           (labels = row positions 0..n-1) on the GPU when Faiss sees one (index_cpu_to_gpu),
+           else on the CPU; the index is moved back with index_gpu_to_cpu before anything else
+           happens
         -> nprobe raised until ANN recall@100 against exact inner-product search reaches
            ``index.target_recall`` on sampled queries (on the CPU index serving loads, so the
            stored recall is the served recall)
-        -> index.faiss + index.json written atomically; "ann" offline metrics merged into
-           metrics.json (same protocol as the exact metrics, seen items excluded).
+        -> 8-bit IVF-PQ whose codes level off below the target: exact re-ranking on the CPU
+           (faiss.IndexRefineFlat over the filled codes + a copy of the float vectors): the
+           re-ranking depth k_factor raised until the target is reached, then nprobe lowered
+           while it holds (or raised, when the depth levels off first); see tune_refine
+        -> wrapped in an IDMap (positions -> item ids: IndexRefine addresses its stored vectors
+           by the labels the codes return, so those must be positions)
+        -> index.faiss + index.json written atomically (index.json: nprobe, refine, k_factor,
+           bytes per item); "ann" offline metrics merged into metrics.json (same protocol as the
+           exact metrics, seen items excluded).
 
 Queries: when a prepared partition is given, ``index.eval_queries`` user vectors sampled from
 the evaluation split (jobs.evaluate.eval_queries) — the real query distribution. Without one
@@ -28,12 +36,22 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, NamedTuple
 
 import faiss
 import numpy as np
 
-from jobs.index_params import GPU_MAX_K, MIN_POINTS_PER_CENTROID, IndexPlan, choose_device, nprobe_schedule, plan_candidates, search_k
+from jobs.index_params import (
+    GPU_MAX_K,
+    MIN_POINTS_PER_CENTROID,
+    IndexPlan,
+    bytes_per_item,
+    choose_device,
+    k_factor_schedule,
+    nprobe_schedule,
+    plan_candidates,
+    search_k,
+)
 from twotower.config import IndexConfig, Settings
 from twotower.contracts import ARTIFACT_FILES
 
@@ -44,25 +62,38 @@ RECALL_K = 100
 QUERY_NOISE_NORM = 0.5
 """Expected norm of the noise added to item vectors when no user queries are available."""
 RECALL_PLATEAU = 0.002
-"""PQ tuning stops below the target when one step of the nprobe schedule gains less recall@100
-than this: the codes, not the probing, limit recall then, and every further step only slows
-search (1M synthetic items: 0.908 at nprobe 192 of 4096, 0.9095 at 2048, which is 10x slower)."""
+"""IVF-PQ tuning stops raising one knob below the target when one step gains less recall@100
+than this: something else limits recall then, and every further step only slows search. For
+nprobe on the codes alone that is the codes (1M synthetic items: 0.9058 at nprobe 96, 0.9073 at
+128 of 4096 lists; 0.9095 at 2048, which is 10x slower), and exact re-ranking is tried next
+(there: 0.956 at nprobe 32 with 2x100 candidates re-ranked); for the re-ranking depth it is the
+probed lists, and nprobe is raised again."""
 
 
 class IndexQualityError(RuntimeError):
     """The best index reachable is below ``index.recall_floor``; nothing was written."""
 
 
+class TuningStep(NamedTuple):
+    """One measured setting: recall@100 at ``nprobe`` lists and re-ranking depth ``k_factor``
+    (``k_factor x k`` candidates from the codes re-ranked exactly; 0 = the codes' order)."""
+
+    nprobe: int
+    k_factor: int
+    recall: float
+
+
 @dataclass(frozen=True)
 class BuiltIndex:
     """A trained, filled, tuned CPU index and what was measured about it."""
 
-    index: Any  # faiss.Index (CPU)
+    index: Any  # faiss.IndexIDMap (CPU) over the plan's structure, or over its IndexRefineFlat
     plan: IndexPlan
     nprobe: int
+    k_factor: int  # re-ranking depth; 0: no re-ranking stage
     recall: float
     device: str
-    tuning: list[tuple[int, float]]  # (nprobe, recall@100) in the order tried
+    tuning: list[TuningStep]  # in the order tried (the chosen setting is not always the last)
 
 
 # --- exact neighbours and recall -------------------------------------------------------------
@@ -84,9 +115,61 @@ def recall_at_k(ann_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
-    """Set nprobe on a CPU index (no-op for exact Flat)."""
+    """Set nprobe on a CPU index, through IDMap and re-ranking wrappers (no-op for exact Flat)."""
     if nprobe > 0:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+
+
+def set_k_factor(index: Any, k_factor: int) -> None:
+    """Set the re-ranking depth of an index with a re-ranking stage (no-op for 0).
+    ("k_factor_rf" is IndexRefine's name in ParameterSpace; "k_factor" means IndexIVFPQR's.)"""
+    if k_factor > 0:
+        faiss.ParameterSpace().set_index_parameter(index, "k_factor_rf", k_factor)
+
+
+def refine_stage(index: Any) -> Any | None:
+    """The IndexRefine of ``index`` (bare or under an IDMap), or None when it has none."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexRefine) else None
+
+
+def search_params(index: Any, nprobe: int) -> Any | None:
+    """Per-call parameters that probe ``nprobe`` lists of ``index`` and keep its re-ranking depth;
+    None for an exact index. The shared index is not modified (concurrent searches unaffected).
+
+    An IndexRefine rejects SearchParametersIVF, and IndexRefineSearchParameters replaces the
+    index's own k_factor (its default, 1, would turn re-ranking into mere re-scoring), so both
+    are passed explicitly.
+    """
+    if faiss.try_extract_index_ivf(index) is None:
+        return None
+    ivf = faiss.SearchParametersIVF(nprobe=nprobe)
+    refine = refine_stage(index)
+    if refine is None:
+        return ivf
+    return faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=ivf)
+
+
+def id_mapped(index: Any, ids: np.ndarray) -> Any:
+    """``index`` (filled, labels = positions 0..n-1) behind an IndexIDMap answering ``ids[position]``.
+
+    IndexIDMap's constructor refuses a non-empty index (it expects to see every add, and on the
+    GPU path the adds happened on the GPU before the re-ranking stage existed), so the map is
+    made over the empty view and then given the ids of the ``n`` positions already there.
+    """
+    n = index.ntotal
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for an index of {n} vectors")
+    index.ntotal = 0
+    try:
+        wrapped = faiss.IndexIDMap(index)  # keeps a Python reference to ``index``
+    finally:
+        index.ntotal = n
+    faiss.copy_array_to_vector(np.ascontiguousarray(ids, dtype=np.int64), wrapped.id_map)
+    wrapped.ntotal = n
+    return wrapped
 
 
 # --- build --------------------------------------------------------------------------------------
@@ -117,8 +200,9 @@ def training_rows(n: int, plan: IndexPlan, cfg: IndexConfig) -> np.ndarray | sli
     return np.sort(np.random.default_rng(cfg.seed).choice(n, size=size, replace=False))
 
 
-def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, cfg: IndexConfig) -> tuple[Any, str]:
-    """A filled CPU index of ``plan`` and the device it was trained on (one path, placement aside)."""
+def _train_and_add(plan: IndexPlan, vectors: np.ndarray, cfg: IndexConfig) -> tuple[Any, str]:
+    """A filled CPU index of ``plan`` labelled by position 0..n-1, and the device it was trained
+    on (one path, placement aside; a GPU index given no ids numbers the vectors the same way)."""
     d = vectors.shape[1]
     index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.is_ivf:
@@ -143,10 +227,32 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, ids: np.ndarray, cfg: I
     else:
         work = index
     work.train(train)
-    work.add_with_ids(vectors, ids)
+    work.add(vectors)
     if device == "gpu":
         index = faiss.index_gpu_to_cpu(work)
     return index, device
+
+
+def measure_recall(index: Any, queries: np.ndarray, exact: np.ndarray) -> float:
+    """Recall@k of ``index`` as it is set now, against ``exact [Q, k]`` (same labels)."""
+    _, got = index.search(queries, exact.shape[1])
+    return recall_at_k(got, exact)
+
+
+def climb(
+    measure: Callable[[int], float], values: Iterable[int], target: float, plateau: bool, prev: float | None = None
+) -> list[tuple[int, float]]:
+    """Measure ``values`` in order until recall reaches ``target`` or, with ``plateau``, one step
+    gains less than RECALL_PLATEAU over the one before (``prev``: recall before the first value).
+    Returns [(value, recall), ...] as measured; the last one is where it stopped."""
+    out: list[tuple[int, float]] = []
+    for v in values:
+        r = measure(v)
+        before = out[-1][1] if out else prev
+        out.append((v, r))
+        if r >= target or (plateau and before is not None and r - before < RECALL_PLATEAU):
+            break
+    return out
 
 
 def tune_nprobe(
@@ -157,29 +263,74 @@ def tune_nprobe(
     For IVF-PQ, raising nprobe also stops below the target once a step gains less than
     RECALL_PLATEAU (the recall the codes allow is reached; IVF-Flat always probes on, since
     probing every list is exact). Returns (nprobe, recall, [(nprobe, recall), ...]); Flat
-    indexes return (0, recall, ...).
+    indexes return (0, recall, ...). ``exact_ids`` are in the index's labels.
     """
-    k = exact_ids.shape[1]
     if not plan.is_ivf:
-        _, got = index.search(queries, k)
-        r = recall_at_k(got, exact_ids)
+        r = measure_recall(index, queries, exact_ids)
         return 0, r, [(0, r)]
-    trace: list[tuple[int, float]] = []
-    for nprobe in nprobe_schedule(plan.nlist, GPU_MAX_K):
+
+    def at(nprobe: int) -> float:
         set_nprobe(index, nprobe)
-        _, got = index.search(queries, k)
-        r = recall_at_k(got, exact_ids)
-        trace.append((nprobe, r))
-        log.info("index %s: nprobe=%d of %d lists gives recall@%d %.4f", plan.factory, nprobe, plan.nlist, k, r)
-        if r >= target:
-            break
-        if plan.type == "IVF-PQ" and len(trace) > 1 and r - trace[-2][1] < RECALL_PLATEAU:
-            log.info("index %s: recall@%d has levelled off at %.4f below the target %.2f; nprobe stays at %d",
-                     plan.factory, k, r, target, nprobe)  # fmt: skip
-            break
-    nprobe, r = trace[-1]
+        r = measure_recall(index, queries, exact_ids)
+        log.info("index %s: nprobe=%d of %d lists gives recall@%d %.4f", plan.factory, nprobe, plan.nlist, RECALL_K, r)
+        return r
+
+    steps = climb(at, nprobe_schedule(plan.nlist, GPU_MAX_K), target, plateau=plan.type == "IVF-PQ")
+    nprobe, r = steps[-1]
+    if r < target and plan.type == "IVF-PQ" and len(steps) > 1 and r - steps[-2][1] < RECALL_PLATEAU:
+        log.info("index %s: recall@%d from the codes alone has levelled off at %.4f below the target %.2f; nprobe stays at %d",
+                 plan.factory, RECALL_K, r, target, nprobe)  # fmt: skip
     set_nprobe(index, nprobe)
-    return nprobe, r, trace
+    return nprobe, r, steps
+
+
+def tune_refine(
+    base: Any, vectors: np.ndarray, plan: IndexPlan, queries: np.ndarray, exact_ids: np.ndarray, target: float,
+    nprobe: int, base_recall: float,
+) -> tuple[Any, int, int, float, list[TuningStep]]:  # fmt: skip
+    """Exact re-ranking over ``base`` (filled IVF-PQ tuned to ``nprobe`` / ``base_recall``):
+    (IndexRefineFlat, nprobe, k_factor, recall, steps).
+
+    The re-ranking stage keeps a copy of ``vectors`` (4·d bytes per item) and re-scores the
+    ``k_factor x k`` best candidates of the codes by exact inner product. Tuned in three bounded
+    walks, each step one search of the tuning queries:
+
+    1. k_factor along k_factor_schedule (2, 4, 8, 16 for k=100) at ``nprobe``, until the target
+       is reached or a step gains < RECALL_PLATEAU (the probed lists limit recall then);
+    2. reached: nprobe lowered along the schedule while recall stays >= target (``nprobe`` was
+       chosen for ranking from codes alone; re-ranked candidates usually need fewer lists);
+    3. not reached: nprobe raised along the schedule at that k_factor, with the plateau rule.
+    """
+    refined = faiss.IndexRefineFlat(base, faiss.swig_ptr(vectors))  # copies the vectors
+    steps: list[TuningStep] = []
+
+    def at(p: int, kf: int) -> float:
+        set_nprobe(refined, p)
+        refined.k_factor = kf
+        r = measure_recall(refined, queries, exact_ids)
+        steps.append(TuningStep(p, kf, r))
+        log.info("index %s: nprobe=%d, exact re-ranking of %d x %d candidates gives recall@%d %.4f",
+                 plan.factory, p, kf, RECALL_K, RECALL_K, r)  # fmt: skip
+        return r
+
+    k_factor, r = climb(lambda kf: at(nprobe, kf), k_factor_schedule(RECALL_K), target, plateau=True, prev=base_recall)[-1]
+    schedule = nprobe_schedule(plan.nlist, GPU_MAX_K)
+    if r >= target:
+        for p in reversed([p for p in schedule if p < nprobe]):
+            rp = at(p, k_factor)
+            if rp < target:
+                break
+            nprobe, r = p, rp
+    else:
+        higher = [p for p in schedule if p > nprobe]
+        if higher:
+            nprobe, r = climb(lambda p: at(p, k_factor), higher, target, plateau=True, prev=r)[-1]
+    if r < target:
+        log.info("index %s: with exact re-ranking recall@%d levels off at %.4f below the target %.2f (nprobe %d, k_factor %d)",
+                 plan.factory, RECALL_K, r, target, nprobe, k_factor)  # fmt: skip
+    set_nprobe(refined, nprobe)
+    refined.k_factor = k_factor
+    return refined, nprobe, k_factor, r, steps
 
 
 def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, cfg: IndexConfig) -> BuiltIndex:
@@ -192,21 +343,28 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    exact_ids = exact_topk(vectors, ids, queries, RECALL_K)
+    exact_pos = exact_topk(vectors, np.arange(len(vectors), dtype=np.int64), queries, RECALL_K)  # the labels tuning sees
     best: BuiltIndex | None = None
     notes: list[tuple[IndexPlan, str]] = []  # candidates that missed the target, and by how much
     for plan in plan_candidates(len(vectors), vectors.shape[1]):
         if plan.fallback:
             log.warning("index: %s", plan.fallback)
         log.info("index: building %s over %d vectors of dimension %d", plan.factory, len(vectors), vectors.shape[1])
-        index, device = _train_and_add(plan, vectors, ids, cfg)
-        nprobe, r, trace = tune_nprobe(index, plan, queries, exact_ids, cfg.target_recall)
-        built = BuiltIndex(index, plan, nprobe, r, device, trace)
+        index, device = _train_and_add(plan, vectors, cfg)
+        nprobe, r, codes_steps = tune_nprobe(index, plan, queries, exact_pos, cfg.target_recall)
+        trace = [TuningStep(p, 0, rp) for p, rp in codes_steps]
+        k_factor = 0
+        if plan.refine and r < cfg.target_recall:
+            refined, p, kf, rr, more = tune_refine(index, vectors, plan, queries, exact_pos, cfg.target_recall, nprobe, r)
+            trace += more
+            if rr > r:  # else the stored vectors buy nothing: keep the codes alone
+                index, nprobe, k_factor, r = refined, p, kf, rr
+        built = BuiltIndex(id_mapped(index, ids), plan, nprobe, k_factor, r, device, trace)
         if best is None or r > best.recall:
             best = built
         if r >= cfg.target_recall:
             break
-        missed = f"{plan.type} {plan.factory} reached recall@{RECALL_K} {r:.4f} < target {cfg.target_recall} at nprobe={nprobe}"
+        missed = f"{plan.type} {plan.factory} reached recall@{RECALL_K} {r:.4f} < target {cfg.target_recall} at {setting(built)}"
         notes.append((plan, missed))
         log.warning("index: %s", notes[-1][1])
     assert best is not None
@@ -215,7 +373,7 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
         best = replace(best, plan=replace(best.plan, fallback=f"{best.plan.fallback}; tried first: {'; '.join(others)}"))
     if best.recall < cfg.recall_floor:
         raise IndexQualityError(
-            f"best index {best.plan.factory} reaches ANN recall@{RECALL_K} {best.recall:.4f} at nprobe={best.nprobe}, "
+            f"best index {best.plan.factory} reaches ANN recall@{RECALL_K} {best.recall:.4f} at {setting(best)}, "
             f"below the floor index.recall_floor={cfg.recall_floor}; the index is refused and the version cannot be published"
         )
     if best.recall < cfg.target_recall:
@@ -224,6 +382,43 @@ def build_tuned_index(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
             RECALL_K, best.recall, cfg.target_recall, cfg.recall_floor, best.plan.factory,
         )
     return best
+
+
+def setting(built: BuiltIndex) -> str:
+    """``nprobe=64`` or ``nprobe=64, exact re-ranking of 4x100 candidates`` (for messages)."""
+    if not built.k_factor:
+        return f"nprobe={built.nprobe}"
+    return f"nprobe={built.nprobe}, exact re-ranking of {built.k_factor}x{RECALL_K} candidates"
+
+
+def index_meta(built: BuiltIndex, cfg: IndexConfig) -> dict[str, Any]:
+    """The index.json fields that describe the built index: structure, tuned settings, measured
+    recall, memory per item (``refine_bytes_per_item``: the float vectors the re-ranking stage
+    keeps, 4·d, 0 without one) and the tuning trace. Callers add where and how it was built."""
+    n, d = int(built.index.ntotal), int(built.index.d)
+    memory = bytes_per_item(built.plan, d, built.k_factor > 0)
+    return {
+        "type": built.plan.type,
+        "factory": built.plan.factory,
+        "metric": "inner_product",
+        "nlist": built.plan.nlist,
+        "m": built.plan.m,
+        "nbits": built.plan.nbits,
+        "nprobe": built.nprobe,
+        "refine": built.k_factor > 0,
+        "k_factor": built.k_factor,
+        "refine_bytes_per_item": memory["refine"],
+        "bytes_per_item": memory,
+        "index_mib": round(memory["total"] * n / 2**20, 1),
+        "ann_recall_at_100": round(built.recall, 6),
+        "target_recall": cfg.target_recall,
+        "recall_floor": cfg.recall_floor,
+        "n_items": n,
+        "dim": d,
+        "device": built.device,
+        "fallback": built.plan.fallback,
+        "tuning": [{"nprobe": t.nprobe, "k_factor": t.k_factor, "recall_at_100": round(t.recall, 6)} for t in built.tuning],
+    }
 
 
 # --- queries ------------------------------------------------------------------------------------
@@ -344,31 +539,17 @@ def build_index(settings: Settings, artifact_dir: Path, prepared_dir: Path | Non
         faiss.omp_set_num_threads(threads_before)
     build_seconds = round(time.time() - t0, 3)
     meta = {
-        "type": built.plan.type,
-        "factory": built.plan.factory,
-        "metric": "inner_product",
-        "nlist": built.plan.nlist,
-        "m": built.plan.m,
-        "nbits": built.plan.nbits,
-        "nprobe": built.nprobe,
-        "ann_recall_at_100": round(built.recall, 6),
-        "target_recall": cfg.target_recall,
-        "recall_floor": cfg.recall_floor,
-        "n_items": int(len(vectors)),
-        "dim": int(vectors.shape[1]),
-        "device": built.device,
+        **index_meta(built, cfg),
         "build_seconds": build_seconds,
         "train_vectors": training_size(len(vectors), built.plan, cfg),
-        "fallback": built.plan.fallback,
         "queries": query_source,
-        "tuning": [{"nprobe": p, "recall_at_100": round(r, 6)} for p, r in built.tuning],
         "faiss_version": faiss.__version__,
     }
     write_index_atomic(built.index, artifact_dir / ARTIFACT_FILES["index"])
     write_json_atomic(artifact_dir / ARTIFACT_FILES["index_meta"], meta)  # last: its presence marks a complete index
     log.info(
-        "index %s: %s nprobe=%d recall@100=%.4f on %s in %.1f s%s",
-        artifact_dir.name, built.plan.factory, built.nprobe, built.recall, built.device, build_seconds,
+        "index %s: %s %s recall@100=%.4f on %s in %.1f s%s",
+        artifact_dir.name, built.plan.factory, setting(built), built.recall, built.device, build_seconds,
         f" (fallback: {built.plan.fallback})" if built.plan.fallback else "",
     )
     ann = None
@@ -391,8 +572,10 @@ def read_index_meta(artifact_dir: Path) -> dict[str, Any]:
 
 
 def load_index(artifact_dir: Path) -> Any:
-    """The CPU index of an artifact directory with nprobe set from index.json."""
+    """The CPU index of an artifact directory with nprobe and the re-ranking depth set from
+    index.json (the depth is also stored in index.faiss; index.json is what was measured)."""
     meta = read_index_meta(artifact_dir)
     index = faiss.read_index(str(Path(artifact_dir) / ARTIFACT_FILES["index"]))
     set_nprobe(index, int(meta.get("nprobe") or 0))
+    set_k_factor(index, int(meta.get("k_factor") or 0))
     return index

@@ -133,37 +133,6 @@ class VersionFollower:
         history = [redis_keys.history_item(m) for m in members]
         vec, hist = user_vector(assets, user_id, row, history)
         exclude = set(hist)
-        items = search(assets, vec, exclude, k)
-        if len(items) < k:
-            items = widened_search(assets, vec, exclude, k, items)
+        items = search(assets, vec, exclude, k)  # widens nprobe itself when the probed lists hold too few
         return RecallResult(assets.version, user_id, row is not None, len(hist), items)
 
-
-def widened_search(assets: VersionAssets, vec, exclude: set[int], k: int, found: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Top ``k`` when the tuned nprobe came back short.
-
-    An IVF index returns only items of the ``nprobe`` lists it probes: on a small corpus a
-    large ``k`` can exceed them (MovieLens: 12 of 32 lists hold ~630 of 1,682 items). nprobe is
-    doubled per call (SearchParametersIVF: the shared index is not modified, so concurrent
-    requests are unaffected) until ``k`` items remain or every list is probed. The common case,
-    ``k`` well below the probed lists' size, never gets here.
-    """
-    import faiss
-
-    try:
-        ivf = faiss.extract_index_ivf(assets.index)
-    except RuntimeError:
-        return found  # exact index: a short answer means the corpus itself is short
-    n_items = assets.model.n_items
-    fetch = max(1, min(k + len(exclude), n_items))
-    nprobe = max(1, ivf.nprobe)
-    while len(found) < k and nprobe < ivf.nlist:
-        nprobe = min(ivf.nlist, nprobe * 2)
-        scores, ids = assets.index.search(vec, fetch, params=faiss.SearchParametersIVF(nprobe=nprobe))
-        found = []
-        for score, idx in zip(scores[0], ids[0]):
-            if idx > 0 and int(idx) not in exclude:
-                found.append((str(assets.item_ids[idx]), float(score)))
-                if len(found) == k:
-                    break
-    return found

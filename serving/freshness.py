@@ -137,12 +137,14 @@ def retrain_view(run: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def index_label(index: dict[str, Any] | None) -> str | None:
-    """``IVF-PQ (IVF4096,PQ32, nprobe 64)`` from index.json fields; None without an index. Pure."""
+    """``IVF-PQ (IVF4096,PQ32, nprobe 64)`` from index.json fields, plus ``, exact re-ranking x4``
+    when the index has a re-ranking stage; None without an index. Pure."""
     if not index:
         return None
     if not index.get("factory"):
         return index.get("type")
-    return f"{index.get('type')} ({index['factory']}, nprobe {index.get('nprobe')})"
+    rerank = f", exact re-ranking x{index['k_factor']}" if index.get("k_factor") else ""
+    return f"{index.get('type')} ({index['factory']}, nprobe {index.get('nprobe')}{rerank})"
 
 
 def derive(raw: dict[str, Any], now_ms: int, cfg: ServingConfig, serving_version: str | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import redis
 import torch
 
-from jobs.index import load_index, read_index_meta
+from jobs.index import load_index, read_index_meta, search_params
 from jobs.index_params import search_k
 from models.features import FeatureTables, history_tensor, load_feature_tables
 from models.towers import TwoTower, load_model
@@ -49,7 +49,7 @@ class VersionAssets:
 
     version: str
     model: TwoTower
-    index: Any  # faiss CPU index, nprobe set
+    index: Any  # faiss CPU index, nprobe (and re-ranking depth) set
     features: FeatureTables
     item_ids: np.ndarray  # object [n_items + 1]: item_id of each item_idx (slot 0 unused)
     item_idx_of: dict[str, int]
@@ -165,18 +165,15 @@ def search_ids(index: Any, vec: np.ndarray, exclude: set[int], k: int, n_items: 
 
     An IVF index only returns items of the ``nprobe`` lists it probes; on a small corpus a large
     ``k`` can exceed them (MovieLens: 8 of 32 lists hold ~420 of 1,682 items). Then nprobe is
-    doubled for this call only (SearchParametersIVF; the shared index is not modified, so
-    concurrent requests are unaffected) until ``k`` items remain or every list is probed.
+    doubled for this call only (jobs.index.search_params: the shared index is not modified, so
+    concurrent requests are unaffected, and an exact re-ranking stage keeps its depth) until
+    ``k`` items remain or every list is probed.
     """
     fetch = search_k(k, len(exclude), n_items)
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        ivf = None  # exact index
+    ivf = faiss.try_extract_index_ivf(index)  # through the IDMap and the re-ranking stage; None: exact
     nprobe = ivf.nprobe if ivf is not None else 0
     while True:
-        params = faiss.SearchParametersIVF(nprobe=nprobe) if ivf is not None else None
-        scores, ids = index.search(vec, fetch, params=params)
+        scores, ids = index.search(vec, fetch, params=search_params(index, nprobe))
         found = [(int(i), float(sc)) for sc, i in zip(scores[0], ids[0]) if i > 0 and int(i) not in exclude][:k]
         if len(found) >= k or ivf is None or nprobe >= ivf.nlist:
             return found

@@ -14,7 +14,9 @@ from jobs.index_params import (
     MIN_POINTS_PER_CENTROID,
     PQ8_MIN_TRAIN,
     IndexPlan,
+    bytes_per_item,
     choose_device,
+    k_factor_schedule,
     nlist_for,
     nprobe_schedule,
     plan_candidates,
@@ -52,13 +54,13 @@ def test_movielens_plan_is_low_bit_pq_then_ivf_flat():
 
 def test_large_corpus_plan_is_gpu_ready_ivf_pq():
     (plan,) = plan_candidates(1_000_000, 64)
-    assert plan == IndexPlan("IVF-PQ", nlist=4096, m=32, nbits=8, fallback=None)
+    assert plan == IndexPlan("IVF-PQ", nlist=4096, m=32, nbits=8, fallback=None, refine=True)
     assert plan.factory == "IVF4096,PQ32x8" and plan.gpu_ok
 
 
 def test_tiny_corpus_is_exact_flat():
     (plan,) = plan_candidates(30, 8)
-    assert plan.type == "Flat" and plan.factory == "IDMap,Flat" and "too few" in plan.fallback
+    assert plan.type == "Flat" and plan.factory == "Flat" and "too few" in plan.fallback
 
 
 def test_unsplittable_dimension_falls_back_to_ivf_flat():
@@ -80,6 +82,7 @@ def test_plan_invariants(n, d):
             assert (1 << p.nbits) * MIN_POINTS_PER_CENTROID <= n  # every codebook centroid gets 39 points
             assert (p.nbits == 8) == (n >= PQ8_MIN_TRAIN)
         assert (p.fallback is None) == (p.type == "IVF-PQ" and p.nbits == 8)
+        assert p.refine == (p.fallback is None)  # only the 8-bit plan may re-rank; fallbacks have an exact successor
 
 
 def test_small_pq_bits():
@@ -94,6 +97,22 @@ def test_nprobe_schedule():
     assert nprobe_schedule(0) == []
     big = nprobe_schedule(65536)
     assert big[-1] == GPU_MAX_K and big == sorted(set(big))
+
+
+def test_k_factor_schedule_is_bounded_by_the_gpu_k():
+    assert k_factor_schedule(100) == [2, 4, 8, 16]  # 1,600 candidates <= 2,048
+    assert k_factor_schedule(1024) == [2]
+    assert k_factor_schedule(1025) == []
+    assert all(f * 10 <= GPU_MAX_K for f in k_factor_schedule(10))
+
+
+def test_bytes_per_item():
+    pq = IndexPlan("IVF-PQ", nlist=4096, m=32, nbits=8, refine=True)
+    assert bytes_per_item(pq, 64, refine=False) == {"codes": 32, "ids": 16, "refine": 0, "total": 48}
+    assert bytes_per_item(pq, 64, refine=True) == {"codes": 32, "ids": 16, "refine": 256, "total": 304}
+    assert bytes_per_item(IndexPlan("IVF-PQ", nlist=32, m=32, nbits=5), 64, refine=False)["codes"] == 20  # packed bits
+    assert bytes_per_item(IndexPlan("IVF-Flat", nlist=32), 64, refine=False)["codes"] == 256
+    assert bytes_per_item(IndexPlan("Flat"), 8, refine=False) == {"codes": 32, "ids": 8, "refine": 0, "total": 40}
 
 
 def test_device_choice():
