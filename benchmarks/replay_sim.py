@@ -245,7 +245,7 @@ class HourlyRows:
         if not events:
             return 0
         by_user = events_by_user([Buffered(0, n, e, 0, 0, 0) for n, e in enumerate(events)])
-        hists = {u: self.log.history(u, hour_ms, self.version.history_len) for u in by_user}
+        hists = {u: np.array(self.version.item_idx(self.log.history(u, hour_ms, self.version.history_len)), dtype=np.int32) for u in by_user}
         plans = plan_users(hour_ms, by_user, self.stored, hists, self.version, self.cfg.min_events_new_user)
         new_rows = compute_rows(self.version, plans, hists, self.cfg)
         written = 0

@@ -143,6 +143,40 @@ class TwoTower(nn.Module):
 
         return user_vectors
 
+    def user_row_map_with_grad(self, context: torch.Tensor):
+        """Like ``user_row_map``, with its backward written out: the returned function maps
+        ``id_rows[B, e]`` to ``(user vectors [B, d], vjp)`` where ``vjp(g[B, d])`` is the gradient
+        of ``sum(g * u)`` with respect to the rows, ``[B, e]``. No autograd graph: the hourly
+        update runs this a few times per hour on a few hundred rows, where the engine's per-op
+        bookkeeping cost more than the arithmetic. Eval mode (dropout is the identity).
+
+        u = z / |z|, z = W2 relu(h) + b2, h = W1_row r + (context share); so
+        dz = (g - u (u . g)) / |z|,  dh = (dz W2) * [h > 0],  dr = dh W1_row.
+        """
+        first, _act, _dropout, last = self.user_mlp
+        e = self.user_id_embedding.weight.shape[1]
+        w_row = first.weight[:, :e]
+        w_out, b_out = last.weight, last.bias
+        with torch.no_grad():
+            context_pre = F.linear(context, first.weight[:, e:], first.bias)
+
+        @torch.no_grad()
+        def forward(id_rows: torch.Tensor):
+            h = torch.addmm(context_pre, id_rows, w_row.T)
+            a = torch.relu(h)
+            z = torch.addmm(b_out, a, w_out.T)
+            norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+            u = z / norm
+
+            def vjp(g: torch.Tensor) -> torch.Tensor:
+                dz = (g - u * (u * g).sum(-1, keepdim=True)) / norm
+                dh = (dz @ w_out).mul_(h > 0)
+                return dh @ w_row
+
+            return u, vjp
+
+        return forward
+
     def user_vectors(self, user_idx: torch.Tensor, user_attrs: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """User vectors ``[B, d]`` (unit norm) for vocabulary indices ``user_idx[B]`` (0 = unknown user)."""
         return self.user_vectors_from_rows(self.user_id_embedding(user_idx), user_attrs, hist)

@@ -71,6 +71,7 @@ from streaming.events import Limits, Rejection, dead_letter_headers, dead_letter
 from streaming.faults import crash_point
 from streaming.hour import HourResult, apply_hour
 from streaming.state import StreamState
+from streaming.user_cache import UserCache
 from streaming.version import LoadedVersion, load_version
 from streaming.windows import (
     HOUR_MS,
@@ -123,6 +124,11 @@ class ConsumerReport:
     watermark_ms: int | None = None
     open_hours: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    reading_seconds: float | None = None
+    """From the first record read to the end (the run's throughput window: group join, version
+    load and partition seeks come before it)."""
+    cached_users: dict[str, int] = field(default_factory=dict)
+    """The user cache's hits, misses (Redis reads) and size at the end (streaming.user_cache)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +181,8 @@ class IncrementalConsumer:
         self._applier: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None
         self._inflight_positions: dict[int, Checkpoint] = {}
+        self.cache: UserCache | None = None
+        self._first_record_at: float | None = None
 
     # --- partitions -----------------------------------------------------------------------
 
@@ -188,6 +196,7 @@ class IncrementalConsumer:
         Hours in flight are finished and their positions stored first, so the next owner does
         not redo them (redoing would be harmless, only slower)."""
         self._collect()
+        self._forget_users("partitions revoked")
         for tp in revoked:
             self.pending.discard(tp.partition)
             self.trackers.pop(tp.partition, None)
@@ -211,6 +220,7 @@ class IncrementalConsumer:
         self.pending.clear()
         if not parts:
             return
+        self._forget_users("partitions assigned")
         self._start_partitions(parts)
         for p in parts:
             self.kc.resume(self._tp(p))
@@ -300,6 +310,8 @@ class IncrementalConsumer:
                 self.kc.pause(self._tp(partition))
                 return
             self.report.records_read += 1
+            if self._first_record_at is None:
+                self._first_record_at = time.monotonic()
             parsed = parse_event(r.value, r.key, r.timestamp, self.limits)
             if isinstance(parsed, Rejection):
                 self._dead_letter(r, parsed)
@@ -382,7 +394,7 @@ class IncrementalConsumer:
         """Applier thread: write the hours one after the other (each reads what the previous wrote)."""
         results = []
         for hour, buffered in hours:
-            result = apply_hour(self.state, version, hour, buffered, self.cfg)
+            result = apply_hour(self.state, version, hour, buffered, self.cfg, self.cache)
             crash_point("after_rows")
             self.state.record_window(version.version, hour, result.per_partition)
             log.info(
@@ -475,7 +487,15 @@ class IncrementalConsumer:
             return False
         self.version = load_version(self.s, current, self.state.version_meta(current))
         self.report.version = current
+        self.cache = UserCache(current, self.cfg.cache_users) if self.cfg.cache_users > 0 else None
         return True
+
+    def _forget_users(self, why: str) -> None:
+        """Drop the user cache (streaming.user_cache): another member may write those users now.
+        Called with no hour in flight."""
+        if self.cache is not None and len(self.cache):
+            log.info("%s: forgetting %d cached users (they are read from Redis again)", why, len(self.cache))
+            self.cache.clear()
 
     def _version_moved(self) -> bool:
         now = time.monotonic()
@@ -596,6 +616,10 @@ class IncrementalConsumer:
         self.report.open_hours = sorted({w for t in self.trackers.values() for w in t.buffer})
         self.report.events_open = sum(len(b) for t in self.trackers.values() for b in t.buffer.values())
         self.report.seconds = round(time.monotonic() - t0, 3)
+        if self._first_record_at is not None:
+            self.report.reading_seconds = round(time.monotonic() - self._first_record_at, 3)
+        if self.cache is not None:
+            self.report.cached_users = {"hits": self.cache.hits, "misses": self.cache.misses, "size": len(self.cache)}
         log.info(
             "%s run done: %d hours applied (%d users, %d events), %d records read, %d dead letters, %d late, "
             "watermark %s, lag %s, %d hours still open, %.1fs",

@@ -25,11 +25,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from collections.abc import Mapping, Sized
+
 import numpy as np
+import torch
 
 from streaming.events import Event
 from streaming.faults import crash_point
-from streaming.state import StoredRow, StreamState, UserWrite
+from streaming.state import StoredRow, StreamState, UserWrite, WriteOutcome
+from streaming.user_cache import CachedUser, UserCache, next_history
 from streaming.update import UserTargets, chunk_size, chunks, sampled_candidates, update_rows, user_targets
 from streaming.version import LoadedVersion
 from streaming.windows import HOUR_MS, Buffered, events_by_user, window_start
@@ -39,7 +43,7 @@ from twotower.config import IncrementalConfig
 log = logging.getLogger(__name__)
 
 UPDATE, REPLAYED, HISTORY_ONLY = "update", "replayed", "history_only"
-WRITE_BATCH = 256
+NO_HISTORY = np.zeros(0, dtype=np.int32)
 
 
 @dataclass
@@ -83,11 +87,12 @@ def plan_users(
     hour_ms: int,
     by_user: dict[str, list[Event]],
     rows: dict[str, StoredRow],
-    hists: dict[str, list[str]],
+    hists: Mapping[str, Sized],
     version: LoadedVersion,
     min_events_new_user: int,
 ) -> list[UserPlan]:
-    """Classify each touched user (see module docstring). Pure given its inputs."""
+    """Classify each touched user (see module docstring). Pure given its inputs; ``hists`` holds
+    each user's history before the hour (only its length matters here)."""
     plans = []
     for uid, events in by_user.items():
         idx = [version.item_index.get(e.item_id, 0) for e in events]
@@ -112,17 +117,16 @@ def plan_users(
             plan.kind, plan.start_row = UPDATE, stored.e
         elif user_idx > 0:
             plan.kind, plan.start_row = UPDATE, version.model_row(user_idx)
-        elif len(hists.get(uid, [])) + len(events) >= min_events_new_user:
+        elif len(hists.get(uid, ())) + len(events) >= min_events_new_user:
             plan.kind, plan.start_row, plan.new_user = UPDATE, version.model_row(0), True
         plans.append(plan)
     return plans
 
 
-def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: dict[str, list[str]], cfg: IncrementalConfig) -> dict[str, np.ndarray]:
+def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: Mapping[str, np.ndarray], cfg: IncrementalConfig) -> dict[str, np.ndarray]:
     """New rows of every planned user with a row (UPDATE and REPLAYED), in fixed chunks of the
-    sorted user list so each row is computed with the same shapes as in any other attempt."""
-    from models.features import history_tensor
-
+    sorted user list so each row is computed with the same shapes as in any other attempt.
+    ``hists``: each user's history before the hour as item_idx (int [<= L], oldest first)."""
     batch = [p for p in plans if p.kind in (UPDATE, REPLAYED)]
     out: dict[str, np.ndarray] = {}
     if not batch:
@@ -136,7 +140,7 @@ def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: dict[str,
         part = [batch[i] for i in rng]
         rows = np.stack([p.start_row for p in part])
         attrs = version.attrs_of([p.user_idx for p in part])
-        hist = history_tensor([version.item_idx(hists.get(p.user_id, [])) for p in part], version.history_len)
+        hist = history_matrix([hists.get(p.user_id, NO_HISTORY) for p in part], version.history_len)
         new_rows, _ = update_rows(
             version.model, version.item_vectors, rows, attrs, hist, [p.targets for p in part], cfg.steps, cfg.lr, candidates
         )
@@ -145,13 +149,95 @@ def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: dict[str,
     return out
 
 
-def apply_hour(state: StreamState, version: LoadedVersion, hour_ms: int, buffered: list[Buffered], cfg: IncrementalConfig) -> HourResult:
-    """Apply one closed hour: plan, compute and write every touched user (see module docstring)."""
+def history_matrix(hists: list[np.ndarray], width: int) -> torch.Tensor:
+    """Histories (item_idx, oldest first) -> ``LongTensor [N, width]``: the newest ``width`` of
+    each, left-aligned, 0-padded (the layout of models.features.history_tensor)."""
+    out = np.zeros((len(hists), width), dtype=np.int64)
+    for b, h in enumerate(hists):
+        n = min(len(h), width)
+        if n:
+            out[b, :n] = h[len(h) - n :]
+    return torch.from_numpy(out)
+
+
+def read_state(
+    state: StreamState, version: LoadedVersion, hour_ms: int, uids: list[str], cache: UserCache | None
+) -> tuple[dict[str, StoredRow], dict[str, np.ndarray]]:
+    """Rows and histories (item_idx) before the hour: from the cache where it holds the user,
+    else from Redis (one batched read for all the others)."""
+    rows: dict[str, StoredRow] = {}
+    hists: dict[str, np.ndarray] = {}
+    missing = []
+    for uid in uids:
+        entry = cache.get(uid) if cache is not None else None
+        if entry is None:
+            missing.append(uid)
+            continue
+        if entry.row is not None:
+            rows[uid] = entry.row
+        hists[uid] = entry.hist
+    if missing:
+        read_rows, read_hists = state.read_users(version.version, missing, hour_ms, version.history_len)
+        rows.update(read_rows)
+        index = version.item_index
+        for uid in missing:
+            hists[uid] = np.array([index.get(i, 0) for i in read_hists[uid]], dtype=np.int32)
+    return rows, hists
+
+
+def history_write(events: list[Event]) -> list[tuple[int, str]]:
+    """(ts, member) of a user's events in the history zset's order: ts, then member (an id never
+    holds a control character, so member order is (event_id, item_id) order)."""
+    ordered = events if len(events) == 1 else sorted(events, key=lambda e: (e.ts, e.event_id, e.item_id))
+    return [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in ordered]
+
+
+def remember(
+    cache: UserCache, version: LoadedVersion, hour_ms: int, plans: list[UserPlan], writes: list[UserWrite],
+    outcomes: list[WriteOutcome], rows: dict[str, StoredRow], hists: dict[str, np.ndarray],
+) -> None:
+    """Carry each written user into the cache as a read before their next hour would see them,
+    or drop them where the write says that cannot be vouched for (see streaming.user_cache)."""
+    index = version.item_index
+    for plan, wr, out in zip(plans, writes, outcomes):
+        uid = plan.user_id
+        if not out.exact or (plan.kind == UPDATE and not out.applied):
+            cache.drop(uid)
+            continue
+        row = rows.get(uid)
+        if plan.kind == UPDATE:
+            n = (row.n if row is not None else 0) + plan.n_known
+            first = row.f if row is not None and row.f >= 0 else hour_ms
+            row = StoredRow(wr.row, hour_ms, n, first)
+        added = [index.get(member.split(rk.HIST_SEP, 1)[1], 0) for _, member in wr.history]
+        cache.put(uid, CachedUser(row, next_history(hists.get(uid, NO_HISTORY), added, version.history_len)))
+
+
+def apply_hour(
+    state: StreamState, version: LoadedVersion, hour_ms: int, buffered: list[Buffered], cfg: IncrementalConfig,
+    cache: UserCache | None = None,
+) -> HourResult:
+    """Apply one closed hour: plan, compute and write every touched user (see module docstring).
+    ``cache`` (streaming.user_cache; for this version) saves the Redis reads of users it holds;
+    any error drops it whole, since what was written is then unknown."""
+    if cache is not None and cache.version != version.version:
+        raise ValueError(f"the user cache belongs to version {cache.version}, not {version.version}")
+    try:
+        return _apply_hour(state, version, hour_ms, buffered, cfg, cache)
+    except BaseException:
+        if cache is not None:
+            cache.clear()
+        raise
+
+
+def _apply_hour(
+    state: StreamState, version: LoadedVersion, hour_ms: int, buffered: list[Buffered], cfg: IncrementalConfig,
+    cache: UserCache | None,
+) -> HourResult:
     t0 = time.perf_counter()
     by_user = events_by_user(buffered)
     partition_of = {b.event.user_id: b.partition for b in buffered}
-    uids = list(by_user)
-    rows, hists = state.read_users(version.version, uids, hour_ms, version.history_len)
+    rows, hists = read_state(state, version, hour_ms, list(by_user), cache)
     t1 = time.perf_counter()
     plans = plan_users(hour_ms, by_user, rows, hists, version, cfg.min_events_new_user)
     new_rows = compute_rows(version, plans, hists, cfg)
@@ -174,17 +260,19 @@ def apply_hour(state: StreamState, version: LoadedVersion, hour_ms: int, buffere
         else:
             result.history_only += 1
         row = new_rows[plan.user_id] if plan.kind == UPDATE else None
-        history = [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in plan.events]
-        writes.append(UserWrite(plan.user_id, row, plan.n_known, history))
+        writes.append(UserWrite(plan.user_id, row, plan.n_known, history_write(plan.events)))
 
     retention_ms = cfg.history_retention_s * 1000
     half = len(writes) // 2
+    outcomes: list[WriteOutcome] = []
     for part_no, part in enumerate((writes[:half], writes[half:])):
-        for start in range(0, len(part), WRITE_BATCH):
-            batch = part[start : start + WRITE_BATCH]
-            result.rows_written += state.apply_users(version.version, hour_ms, batch, version.history_len, retention_ms)
+        if part:
+            outcomes += state.apply_users(version.version, hour_ms, part, version.history_len, retention_ms)
         if part_no == 0 and half:
             crash_point("mid_rows")
+    result.rows_written = sum(o.applied for o in outcomes)
+    if cache is not None:
+        remember(cache, version, hour_ms, plans, writes, outcomes, rows, hists)
     result.seconds = time.perf_counter() - t0
     result.write_s = result.seconds - (t2 - t0)
     return result

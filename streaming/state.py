@@ -3,15 +3,17 @@
 Every write here is either atomic per user or idempotent, which is what makes the consumer's
 effect exactly-once:
 
-* ``apply_user`` is one Lua script on the user's row hash and history zset (one hash tag, so
-  one Redis Cluster slot). It writes the new row only when the row's ``w`` (last hour applied)
-  is older than this hour, adds the hour's events to the history (ZADD NX: replays are no-ops)
-  and trims the history. A replayed hour therefore finds ``w >= hour`` and changes nothing.
+* ``apply_users`` runs one Lua script per batch of users (a script runs atomically, so every
+  user's row hash and history zset change together; each user's keys share one hash tag). It
+  writes a new row only when the row's ``w`` (last hour applied) is older than this hour, adds
+  the hour's events to the history (ZADD NX: replays are no-ops) and trims the history. A
+  replayed hour therefore finds ``w >= hour`` and changes nothing.
 * checkpoints are written by a Lua script that never moves a partition backwards (a consumer
   that lost its partitions in a rebalance cannot undo the new owner's progress).
 * hour counters are HSET of values computed from the hour's content (replays write the same).
 
-History trimming keeps the newest ``L`` events before the end of the hour just applied, plus
+History trimming (once a history holds ``L + TRIM_SLACK`` events) keeps the newest ``L`` events
+before the end of the hour just applied, plus
 everything newer than ``history_retention`` before it. An hour's update reads the history as it
 was at the hour's start (score < start), so later events already in the set never change it;
 the retention margin keeps those reads exact when a new version replays hours since its cutoff.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import redis
@@ -42,45 +45,92 @@ from twotower import redis_keys as rk
 log = logging.getLogger(__name__)
 
 WINDOW_STATS_TTL_S = 14 * 24 * 3600
+USER_BATCH = 256
+TRIM_SLACK = 16
+"""A history is trimmed back once it holds this many events more than it must keep."""
+"""Users per script call: one call runs about 3 ms on the server at this size, short enough not
+to hold up the serving layer's reads."""
 
-APPLY_USER_LUA = """
-local applied = 0
-if ARGV[2] ~= '' then
-  local w = redis.call('HGET', KEYS[1], 'w')
-  if (not w) or tonumber(w) < tonumber(ARGV[1]) then
-    redis.call('HSET', KEYS[1], 'e', ARGV[2], 'w', ARGV[1])
-    redis.call('HSETNX', KEYS[1], 'f', ARGV[1])
-    redis.call('HINCRBY', KEYS[1], 'n', ARGV[3])
-    applied = 1
+# Both scripts take a BATCH of users (KEYS: row_1, hist_1, row_2, hist_2, ...): one round trip
+# and one script call per batch instead of per user. The hourly path is bound by per-command work
+# (client packing and reply parsing, the server's script setup), not by the data. Each user's
+# keys still share one hash tag; a Redis Cluster deployment would group a batch by slot.
+#
+# APPLY: ARGV = hour, keep (L), end of hour, end - retention, trim slack, then per user:
+#   row bytes ('' = history only), n_events, m, then m pairs (ts, member).
+# Per user: write the row (e, w, n += events, f once) only if its ``w`` is older than this hour;
+# ZADD NX the hour's events; once the history holds more than L + slack, trim it (newest L before
+# the hour's end, plus everything newer than the retention): trimming every time cost three more
+# commands per user, and reads only ever take the newest L. Returns per
+# user ``applied`` (1: the row was written) and ``exact`` (1: every one of the m members was new
+# and the history holds nothing else from the hour's start on, so "history before the next hour"
+# is exactly "history before this hour" + these m events: what streaming.user_cache relies on).
+APPLY_USERS_LUA = """
+local hour = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
+local slack = tonumber(ARGV[5])
+local before_end = '(' .. ARGV[3]
+local before_old = '(' .. ARGV[4]
+local out = {}
+local a = 6
+for k = 1, #KEYS, 2 do
+  local row, hist = KEYS[k], KEYS[k + 1]
+  local applied = 0
+  if ARGV[a] ~= '' then
+    local cur = redis.call('HMGET', row, 'w', 'n', 'f')
+    if (not cur[1]) or tonumber(cur[1]) < hour then
+      local n = string.format('%d', (tonumber(cur[2]) or 0) + tonumber(ARGV[a + 1]))
+      redis.call('HSET', row, 'e', ARGV[a], 'w', ARGV[1], 'n', n, 'f', cur[3] or ARGV[1])
+      applied = 1
+    end
   end
-end
-for i = 7, #ARGV, 2 do
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[i], ARGV[i + 1])
-end
-local keep = tonumber(ARGV[4])
-if redis.call('ZCARD', KEYS[2]) > keep then
-  local before = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[5])
-  local old = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[6])
-  local k = math.min(before - keep, old)
-  if k > 0 then
-    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, k - 1)
+  local m = tonumber(ARGV[a + 2])
+  local added = 0
+  for i = a + 3, a + 2 + 2 * m, 2 do
+    added = added + redis.call('ZADD', hist, 'NX', ARGV[i], ARGV[i + 1])
   end
+  a = a + 3 + 2 * m
+  if redis.call('ZCARD', hist) > keep + slack then
+    local n_before = redis.call('ZCOUNT', hist, '-inf', before_end)
+    local n_old = redis.call('ZCOUNT', hist, '-inf', before_old)
+    local n = math.min(n_before - keep, n_old)
+    if n > 0 then
+      redis.call('ZREMRANGEBYRANK', hist, 0, n - 1)
+    end
+  end
+  local exact = 0
+  if added == m and redis.call('ZCOUNT', hist, ARGV[1], '+inf') == m then
+    exact = 1
+  end
+  out[#out + 1] = applied
+  out[#out + 1] = exact
 end
-return applied
+return out
 """
 
-# One round trip per user instead of two, and the history comes back as ONE string of item ids
-# (oldest first, newline-separated: ids never hold control characters) instead of L members
-# to parse: the read side of the hourly path is bound by per-reply work in Python.
-READ_USER_LUA = """
-local row = redis.call('HMGET', KEYS[1], 'e', 'w', 'n', 'f')
-local members = redis.call('ZREVRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '-inf', 'LIMIT', 0, tonumber(ARGV[2]))
-local items = {}
-for i = #members, 1, -1 do
-  local m = members[i]
-  items[#items + 1] = string.sub(m, string.find(m, ARGV[3], 1, true) + 1)
+# READ: ARGV = before_ms, L, separator. Per user 5 values: e, w, n, f ('' when absent) and the
+# item ids of the newest L history events with ts < before_ms, oldest first, as ONE string
+# joined by newlines (ids never hold control characters): one reply element per user instead
+# of L members to parse.
+READ_USERS_LUA = """
+local before = '(' .. ARGV[1]
+local limit = tonumber(ARGV[2])
+local out = {}
+for k = 1, #KEYS, 2 do
+  local row = redis.call('HMGET', KEYS[k], 'e', 'w', 'n', 'f')
+  local members = redis.call('ZREVRANGEBYSCORE', KEYS[k + 1], before, '-inf', 'LIMIT', 0, limit)
+  local items = {}
+  for i = #members, 1, -1 do
+    local m = members[i]
+    items[#items + 1] = string.sub(m, string.find(m, ARGV[3], 1, true) + 1)
+  end
+  out[#out + 1] = row[1] or ''
+  out[#out + 1] = row[2] or ''
+  out[#out + 1] = row[3] or ''
+  out[#out + 1] = row[4] or ''
+  out[#out + 1] = table.concat(items, '\\n')
 end
-return {row[1] or '', row[2] or '', row[3] or '', row[4] or '', table.concat(items, '\\n')}
+return out
 """
 
 SAVE_CHECKPOINTS_LUA = """
@@ -128,6 +178,16 @@ class UserWrite:
     """(ts, member) of the hour's events."""
 
 
+class WriteOutcome(NamedTuple):
+    """What the apply script did for one user."""
+
+    applied: bool
+    """The row was written (False: history only, or the row already records this hour)."""
+    exact: bool
+    """Every event of the hour was new to the history and nothing else is in it from the hour's
+    start on (streaming.user_cache keeps the user only then)."""
+
+
 def encode_row(row: np.ndarray) -> bytes:
     """float32 little-endian bytes (the layout serving and publish use)."""
     return np.asarray(row, dtype="<f4").tobytes()
@@ -143,8 +203,8 @@ class StreamState:
     def __init__(self, client: redis.Redis, prefix: str):
         self.r = client
         self.p = prefix
-        self._apply = client.register_script(APPLY_USER_LUA)
-        self._read = client.register_script(READ_USER_LUA)
+        self._apply = client.register_script(APPLY_USERS_LUA)
+        self._read = client.register_script(READ_USERS_LUA)
         self._save = client.register_script(SAVE_CHECKPOINTS_LUA)
 
     def key(self, name: str) -> str:
@@ -178,30 +238,43 @@ class StreamState:
 
     def read_users(self, version: str, user_ids: list[str], before_ms: int, history_len: int) -> tuple[dict[str, StoredRow], dict[str, list[str]]]:
         """Rows of ``version`` and histories as of ``before_ms`` (items of the newest
-        ``history_len`` events with ts < before_ms, oldest first), one pipelined round trip."""
+        ``history_len`` events with ts < before_ms, oldest first): one script call per
+        ``USER_BATCH`` users, all in one pipelined round trip."""
         pipe = self.r.pipeline(transaction=False)
-        for uid in user_ids:
-            keys = [rk.user_row(self.p, version, uid), rk.user_history(self.p, uid)]
-            self._read(keys=keys, args=[before_ms, history_len, rk.HIST_SEP], client=pipe)
+        for start in range(0, len(user_ids), USER_BATCH):
+            self._read(keys=self._user_keys(version, user_ids[start : start + USER_BATCH]), args=[before_ms, history_len, rk.HIST_SEP], client=pipe)
+        flat = [v for reply in pipe.execute() for v in reply]
         rows: dict[str, StoredRow] = {}
         hists: dict[str, list[str]] = {}
-        for uid, (e, w, n, f, items) in zip(user_ids, pipe.execute()):
+        for j, uid in enumerate(user_ids):
+            e, w, n, f, items = flat[5 * j : 5 * j + 5]
             if e:
                 rows[uid] = StoredRow(decode_row(e), int(w) if w else -1, int(n or 0), int(f) if f else -1)
             hists[uid] = items.decode().split("\n") if items else []
         return rows, hists
 
-    def apply_users(self, version: str, hour_ms: int, writes: list[UserWrite], history_len: int, retention_ms: int) -> int:
-        """Write each user's row (if newer than its ``w``) and history atomically per user;
-        returns how many rows were written (replayed users count 0)."""
+    def apply_users(self, version: str, hour_ms: int, writes: list[UserWrite], history_len: int, retention_ms: int) -> list[WriteOutcome]:
+        """Write each user's row (if newer than its ``w``) and history, atomically per user, in
+        one script call per ``USER_BATCH`` users; one WriteOutcome per write, in order."""
         end = hour_ms + 3_600_000
         pipe = self.r.pipeline(transaction=False)
-        for wr in writes:
-            args: list = [hour_ms, encode_row(wr.row) if wr.row is not None else b"", wr.n_events, history_len, end, end - retention_ms]
-            for ts, member in wr.history:
-                args += [ts, member]
-            self._apply(keys=[rk.user_row(self.p, version, wr.user_id), rk.user_history(self.p, wr.user_id)], args=args, client=pipe)
-        return int(sum(pipe.execute()))
+        for start in range(0, len(writes), USER_BATCH):
+            batch = writes[start : start + USER_BATCH]
+            args: list = [hour_ms, history_len, end, end - retention_ms, TRIM_SLACK]
+            for wr in batch:
+                args += [encode_row(wr.row) if wr.row is not None else b"", wr.n_events, len(wr.history)]
+                for ts, member in wr.history:
+                    args += [ts, member]
+            self._apply(keys=self._user_keys(version, [wr.user_id for wr in batch]), args=args, client=pipe)
+        flat = [v for reply in pipe.execute() for v in reply]
+        return [WriteOutcome(bool(flat[2 * j]), bool(flat[2 * j + 1])) for j in range(len(writes))]
+
+    def _user_keys(self, version: str, user_ids: list[str]) -> list[str]:
+        """[row_1, hist_1, row_2, hist_2, ...] (the layout both batch scripts take)."""
+        keys = []
+        for uid in user_ids:
+            keys += [rk.user_row(self.p, version, uid), rk.user_history(self.p, uid)]
+        return keys
 
     # --- checkpoints ---------------------------------------------------------------------------
 

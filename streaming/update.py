@@ -35,6 +35,10 @@ import numpy as np
 import torch
 
 
+ONE_WEIGHT = np.ones(1, dtype=np.float32)
+ONE_WEIGHT.flags.writeable = False  # shared by every single-event user
+
+
 @dataclass(frozen=True)
 class UserTargets:
     """One user's positives in the hour: item indices (unique) and their normalised weights."""
@@ -48,6 +52,10 @@ class UserTargets:
 def user_targets(item_idx: list[int], weights: list[float]) -> UserTargets | None:
     """Merge repeated items (their weights add up) and normalise; None when nothing is left
     (no known item, or total weight 0). Pure."""
+    if len(item_idx) == 1:  # most users have one event in an hour: skip the merge (same result)
+        if item_idx[0] <= 0 or not float(weights[0]) > 0:
+            return None
+        return UserTargets(np.array(item_idx, dtype=np.int64), ONE_WEIGHT)
     merged: dict[int, float] = {}
     for i, w in zip(item_idx, weights):
         if i > 0:
@@ -136,9 +144,9 @@ def update_rows(
     The softmax of user b runs over [its P positives | the candidates that are not among them].
     With the full corpus as candidates that is every item exactly once, i.e. the plain full
     softmax. Its gradient with respect to the user vector is closed-form,
-    (p - w) . V / tau, so autograd only runs through the small user-tower MLP; the context
-    (pooled attributes and history, and its share of the first layer) does not depend on the
-    row and is computed once (``TwoTower.user_row_map``).
+    (p - w) . V / tau, and the small user-tower MLP's backward is written out
+    (``TwoTower.user_row_map_with_grad``: no autograd graph); the context (pooled attributes and
+    history, and its share of the first layer) does not depend on the row and is computed once.
     """
     if len(targets) != len(rows):
         raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
@@ -146,17 +154,16 @@ def update_rows(
     item_idx, item_w = padded_targets(targets)  # [B, P]
     inv_tau = 1.0 / float(model.temperature)
     with torch.no_grad():
-        user_vectors = model.user_row_map(model.user_context(user_attrs, hist))
+        user_vectors = model.user_row_map_with_grad(model.user_context(user_attrs, hist))
         pos_v = item_vectors[item_idx]  # [B, P, d]; padded slots gather row 0 (zeros) with weight 0
         neg_v = item_vectors[cand.idx]  # [C, d]
         pad = item_w <= 0  # padded positive slots
         dup = _positives_among(cand.idx, item_idx, pad)  # flat [B * C] positions: never a negative of their own user
-    row_t = torch.tensor(np.asarray(rows, dtype=np.float32), requires_grad=True)
-    state_sum = torch.zeros_like(row_t)
-    first_loss = None
-    for _ in range(steps):
-        u = user_vectors(row_t)
-        with torch.no_grad():
+        row_t = torch.tensor(np.asarray(rows, dtype=np.float32))
+        state_sum = torch.zeros_like(row_t)
+        first_loss = None
+        for _ in range(steps):
+            u, vjp = user_vectors(row_t)
             su = u * inv_tau
             s_pos = torch.bmm(pos_v, su.unsqueeze(-1)).squeeze(-1).masked_fill_(pad, -torch.inf)  # [B, P]
             s_neg = torch.mm(su, neg_v.T)  # [B, C]
@@ -172,11 +179,10 @@ def update_rows(
                 first_loss = -(item_w * torch.log(p_pos.clamp_min(1e-30))).sum(1).numpy().copy()
             g_pos = p_pos.sub_(item_w)  # dL/ds = p - w on the positives, p on the negatives
             grad_u = torch.bmm(g_pos.unsqueeze(1), pos_v).squeeze(1).addmm_(p_neg, neg_v).mul_(inv_tau)
-        (grad,) = torch.autograd.grad(u, row_t, grad_outputs=grad_u)
-        adagrad_step(row_t, grad, state_sum, lr)
+            adagrad_step(row_t, vjp(grad_u), state_sum, lr)
     if first_loss is None:
         first_loss = np.zeros(len(rows), dtype=np.float32)
-    return row_t.detach().numpy().astype(np.float32, copy=True), first_loss
+    return row_t.numpy().astype(np.float32, copy=True), first_loss
 
 
 def _positives_among(cand_idx: torch.Tensor, item_idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from streaming.events import Event
 
@@ -104,9 +105,9 @@ def seed_checkpoint(snapshots: list[Checkpoint], cutoff_ms: int, fallback_offset
     return Checkpoint(fallback_offset, NO_TS, 0, 0, floor)
 
 
-@dataclass(frozen=True)
-class Buffered:
-    """An event waiting for its hour to close, with its partition's prefix state before it."""
+class Buffered(NamedTuple):
+    """An event waiting for its hour to close, with its partition's prefix state before it (a
+    named tuple: one is made per record)."""
 
     partition: int
     offset: int

@@ -16,7 +16,18 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from streaming.events import REASONS, Event, Rejection, dead_letter_headers, dead_letter_value, encode_event, parse_event
+from streaming.events import (
+    REASONS,
+    Event,
+    Limits,
+    Rejection,
+    _parse_clean,
+    _parse_full,
+    dead_letter_headers,
+    dead_letter_value,
+    encode_event,
+    parse_event,
+)
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 - fixtures
 from tests.test_stream_events import body as bad  # a valid event of u1 with some fields changed
 
@@ -30,9 +41,18 @@ record_ts = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63
 keys = st.one_of(st.none(), st.binary(max_size=20), st.just(b"u1"))
 
 
-def check(result, value: bytes | None) -> None:
-    """The parser's contract, whatever the input."""
+def check(result, value: bytes | None, key: bytes | None = None, ts: int | None = None) -> None:
+    """The parser's contract, whatever the input; the clean-message fast path, where it answers,
+    answers exactly as the full checks do."""
     assert isinstance(result, (Event, Rejection))
+    try:
+        text = (value or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        fast = _parse_clean(text, key, ts, Limits(), True)
+        full = _parse_full(text, key, ts, Limits(), True)
+        assert fast is None or (fast == full and type(fast.weight) is float and type(fast.ts) is int)
     if isinstance(result, Rejection):
         assert result.code in REASONS and result.code != "unknown_item" and result.message
         record = json.loads(dead_letter_value(value, result, "t/0@1"))  # always buildable, always JSON
@@ -48,6 +68,15 @@ def check(result, value: bytes | None) -> None:
             getattr(result, name).encode("utf-8")  # a Redis key can hold it
             assert "\t" not in getattr(result, name)
         assert parse_event(encode_event(result), result.user_id.encode(), None) == result  # round trip
+
+
+def test_the_fast_path_answers_for_clean_messages_and_only_for_them():
+    text = encode_event(VALID).decode()
+    assert _parse_clean(text, b"u1", TS, Limits(), True) == VALID
+    assert _parse_clean(text.replace('"ts"', '"ts" '), b"u1", TS, Limits(), True) == VALID  # blanks before a colon
+    assert _parse_clean(text[:-1] + ',"ts":1}', b"u1", TS, Limits(), True) is None  # a repeated key
+    assert _parse_clean(text[:-1] + ',"x":{"ts":1}}', b"u1", TS, Limits(), True) is None  # nested: full checks
+    assert _parse_clean(text, b"u2", TS, Limits(), True) is None  # key mismatch: the full checks word it
 
 
 def parse_twice(value, key, ts):
@@ -72,7 +101,8 @@ def test_byte_mutations_of_valid_events(data):
         elif raw:
             raw[at] = data.draw(st.integers(0, 255))
     value = bytes(raw)
-    check(parse_twice(value, data.draw(keys), data.draw(record_ts)), value)
+    key, ts = data.draw(keys), data.draw(record_ts)
+    check(parse_twice(value, key, ts), value, key, ts)
 
 
 @hsettings(max_examples=300, deadline=None)
@@ -89,14 +119,15 @@ def test_field_mutations_of_valid_events(data):
     if data.draw(st.booleans()):  # a duplicated key, the second value differing
         text = text[:-1] + f',"{data.draw(st.sampled_from(FIELDS))}":{json.dumps(data.draw(json_values), allow_nan=True)}' + "}"
     value = text.encode("utf-8", "surrogatepass")
-    check(parse_twice(value, data.draw(keys), data.draw(record_ts)), value)
+    key, ts = data.draw(keys), data.draw(record_ts)
+    check(parse_twice(value, key, ts), value, key, ts)
 
 
 @hsettings(max_examples=200, deadline=None)
 @given(json_values, keys, record_ts)
 def test_arbitrary_json_documents(doc, key, ts):
     value = json.dumps(doc, allow_nan=True).encode("utf-8", "surrogatepass")
-    check(parse_twice(value, key, ts), value)
+    check(parse_twice(value, key, ts), value, key, ts)
 
 
 @pytest.mark.parametrize("value", [
@@ -111,7 +142,7 @@ def test_arbitrary_json_documents(doc, key, ts):
     b'{"event_id":"e","user_id":"u1","item_id":"i","event_type":"click","ts":1709251200000,"weight":1e400}',
 ])
 def test_pathological_values(value):
-    check(parse_twice(value, b"u1", TS), value)
+    check(parse_twice(value, b"u1", TS), value, b"u1", TS)
 
 
 # --- every malformed class through the real broker and consumer ----------------------------------------

@@ -283,6 +283,9 @@ class IncrementalConfig:
     """An event's ts may be at most this far after its Kafka record timestamp (producer clock skew)."""
     poll_max_records: int = 5000
     """Records per consumer poll."""
+    cache_users: int = 200_000
+    """Users whose row and history the consumer keeps in memory between hours, so an hour reads
+    Redis only for the others (streaming.user_cache; about 0.5 KB each; 0 = read every hour)."""
     threads: int = 1
     """torch threads of the update. Fixed (not "all cores") because a different thread count may
     sum floats in a different order, and a restart on another machine must compute the same rows."""
