@@ -140,7 +140,7 @@ def full_retrain():
         settings, day, ctx = _current()
         with common.reported_errors(ctx["ti"]):
             meta = stage_index(settings, Path(artifact_dir), day)
-        keep = ("type", "factory", "nlist", "m", "nbits", "nprobe", "ann_recall_at_100", "device", "fallback", "build_seconds", "ann")
+        keep = ("type", "factory", "nlist", "m", "nbits", "nprobe", "k_factor", "ann_recall_at_100", "device", "fallback", "build_seconds", "ann")
         return common.jsonable({k: meta.get(k) for k in keep})
 
     @task

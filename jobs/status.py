@@ -30,7 +30,7 @@ from twotower.config import Settings
 from twotower.contracts import ARTIFACT_FILES
 
 METRIC_KEYS = ("hit@10", "hit@50", "hit@100", "ndcg@10")
-INDEX_KEYS = ("type", "nlist", "m", "nbits", "nprobe", "ann_recall_at_100", "n_items", "fallback")
+INDEX_KEYS = ("type", "nlist", "m", "nbits", "nprobe", "k_factor", "ann_recall_at_100", "n_items", "fallback")
 
 
 def _ms_iso(ms: Any) -> str | None:
