@@ -27,38 +27,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Mapping
 
-from twotower.config import PROJECT_ROOT, Settings, _ALIASES
+from twotower.config import PROJECT_ROOT, Settings, _ALIASES, settings_env  # noqa: F401 - settings_env re-exported
 
 log = logging.getLogger(__name__)
 
 AIRFLOW = [sys.executable, "-m", "airflow"]
 """The Airflow CLI of this interpreter's environment (never another one on PATH)."""
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Every Settings field as the environment variable load_settings() reads it from.
-
-    Well-known aliases (REDIS_URL, TT_STATE_DIR, ...) are set too, because load_settings()
-    prefers them: a stale REDIS_URL inherited from the shell must not win over the caller's value.
-    Empty strings are left out (load_settings() treats them as unset, i.e. the default).
-    """
-    env: dict[str, str] = {}
-    for section in fields(settings):
-        sub = getattr(settings, section.name)
-        for f in fields(sub):
-            value = getattr(sub, f.name)
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            if text == "":
-                continue
-            env[f"TT_{section.name.upper()}_{f.name.upper()}"] = text
-            alias = _ALIASES.get((section.name, f.name))
-            if alias:
-                env[alias] = text
-    return env
 
 
 def airflow_home(settings: Settings) -> Path:

@@ -8,10 +8,11 @@ its users' rows. Loop (DESIGN §10): poll -> validate (bad records to the dead-l
 buffer by event-time hour -> apply every hour the watermark has closed (streaming.hour) ->
 store the checkpoint -> commit offsets.
 
-Two threads, so that the second core is not idle: this one owns the Kafka client (poll, parse,
-buffer, positions, commits: kafka-python's consumer is not thread-safe), and one "applier"
-thread writes the closed hours (Redis reads, the update's tensor work, Redis writes), in order,
-while the next records are polled and parsed. Closed hours go to the applier in batches (up to
+Two halves, so that the second core is not idle: this one owns the Kafka client (poll, parse,
+buffer, positions, commits: kafka-python's consumer is not thread-safe), and the "applier" (a
+worker process by default, or a thread; streaming.applier) writes the closed hours (Redis
+reads, the update's tensor work, Redis writes), in order, while the next records are polled
+and parsed. Closed hours go to the applier in batches (up to
 MAX_HOURS_PER_BATCH); positions are stored when a batch is written, so a backlog costs one
 checkpoint per batch, not per hour.
 
@@ -62,16 +63,16 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from streaming.clients import BrokerWatch
 from streaming.events import Limits, Rejection, dead_letter_headers, dead_letter_value, parse_event
 from streaming.faults import crash_point
-from streaming.hour import HourResult, apply_hour
+from streaming.hour import HourResult
 from streaming.state import StreamState
-from streaming.user_cache import UserCache
+from streaming.applier import ProcessApplier, ThreadApplier, make_applier
 from streaming.version import LoadedVersion, load_version
 from streaming.windows import (
     HOUR_MS,
@@ -178,10 +179,9 @@ class IncrementalConsumer:
         self._last_progress = time.monotonic()
         self._dlq_pending = False
         self.broker = BrokerWatch(settings.kafka, f"incremental consumer (group {settings.kafka.group_id})")
-        self._applier: ThreadPoolExecutor | None = None
+        self._applier: ThreadApplier | ProcessApplier | None = None
         self._inflight: Future | None = None
         self._inflight_positions: dict[int, Checkpoint] = {}
-        self.cache: UserCache | None = None
         self._first_record_at: float | None = None
 
     # --- partitions -----------------------------------------------------------------------
@@ -379,8 +379,8 @@ class IncrementalConsumer:
             return
         self._inflight_positions = {p: t.checkpoint() for p, t in self.trackers.items()}
         if self._applier is None:
-            self._applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hour-applier")
-        self._inflight = self._applier.submit(self._apply_hours, self.version, hours)
+            self._applier = make_applier(self.s, self.state, self.version.version if self.version else None)
+        self._inflight = self._applier.submit(self.version, hours)
 
     def _drain_closable(self) -> None:
         """Apply every closable hour now, batch after batch (the end of a bounded run)."""
@@ -389,23 +389,6 @@ class IncrementalConsumer:
             self._submit_closable()
             if self._inflight is None:
                 return
-
-    def _apply_hours(self, version: LoadedVersion, hours: list[tuple[int, list]]) -> list[HourResult]:
-        """Applier thread: write the hours one after the other (each reads what the previous wrote)."""
-        results = []
-        for hour, buffered in hours:
-            result = apply_hour(self.state, version, hour, buffered, self.cfg, self.cache)
-            crash_point("after_rows")
-            self.state.record_window(version.version, hour, result.per_partition)
-            log.info(
-                "hour %s applied to version %s: %d users updated (%d new, %d rows written now), %d events, "
-                "%d on unknown items, %d users history only, %.2fs (read %.2fs, update %.2fs, write %.2fs)",
-                iso(hour), version.version, result.users_updated, result.new_users, result.rows_written,
-                result.events_applied, result.unknown_items, result.history_only, result.seconds,
-                result.read_s, result.compute_s, result.write_s,
-            )
-            results.append(result)
-        return results
 
     def _collect(self) -> None:
         """Wait for the hours in flight (an applier error is raised here, before anything claims
@@ -487,15 +470,13 @@ class IncrementalConsumer:
             return False
         self.version = load_version(self.s, current, self.state.version_meta(current))
         self.report.version = current
-        self.cache = UserCache(current, self.cfg.cache_users) if self.cfg.cache_users > 0 else None
         return True
 
     def _forget_users(self, why: str) -> None:
-        """Drop the user cache (streaming.user_cache): another member may write those users now.
-        Called with no hour in flight."""
-        if self.cache is not None and len(self.cache):
-            log.info("%s: forgetting %d cached users (they are read from Redis again)", why, len(self.cache))
-            self.cache.clear()
+        """Drop the applier's user cache (streaming.user_cache): another member may write those
+        users now. Called with no hour in flight."""
+        if self._applier is not None:
+            self._applier.forget_users(why)
 
     def _version_moved(self) -> bool:
         now = time.monotonic()
@@ -548,7 +529,7 @@ class IncrementalConsumer:
             return self._run(max_seconds)
         finally:
             if self._applier is not None:
-                self._applier.shutdown(wait=True)
+                self._applier.close()
                 self._applier = None
             torch.set_num_threads(threads)
 
@@ -563,6 +544,8 @@ class IncrementalConsumer:
                 time.sleep(5.0)
             if self.version is None:
                 return self.report
+        # the applier starts now: a worker process imports and loads the version while we join
+        self._applier = make_applier(self.s, self.state, self.version.version if self.version else None)
         self.kc.subscribe([self.topic], listener=_listener(self))
         join_deadline = time.monotonic() + max(30.0, 4 * self.s.kafka.session_timeout_ms / 1000)
         while True:
@@ -618,8 +601,8 @@ class IncrementalConsumer:
         self.report.seconds = round(time.monotonic() - t0, 3)
         if self._first_record_at is not None:
             self.report.reading_seconds = round(time.monotonic() - self._first_record_at, 3)
-        if self.cache is not None:
-            self.report.cached_users = {"hits": self.cache.hits, "misses": self.cache.misses, "size": len(self.cache)}
+        if self._applier is not None:
+            self.report.cached_users = self._applier.cache_stats()
         log.info(
             "%s run done: %d hours applied (%d users, %d events), %d records read, %d dead letters, %d late, "
             "watermark %s, lag %s, %d hours still open, %.1fs",

@@ -185,21 +185,23 @@ def read_state(
     return rows, hists
 
 
-def history_write(events: list[Event]) -> list[tuple[int, str]]:
-    """(ts, member) of a user's events in the history zset's order: ts, then member (an id never
-    holds a control character, so member order is (event_id, item_id) order)."""
+def history_write(events: list[Event], item_index: Mapping[str, int]) -> tuple[list[tuple[int, str]], list[int]]:
+    """(ts, member) of a user's events in the history zset's order (ts, then member; an id never
+    holds a control character, so member order is (event_id, item_id) order), and their item_idx
+    in that order (0: unknown to the version)."""
     ordered = events if len(events) == 1 else sorted(events, key=lambda e: (e.ts, e.event_id, e.item_id))
-    return [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in ordered]
+    return [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in ordered], [item_index.get(e.item_id, 0) for e in ordered]
 
 
 def remember(
     cache: UserCache, version: LoadedVersion, hour_ms: int, plans: list[UserPlan], writes: list[UserWrite],
-    outcomes: list[WriteOutcome], rows: dict[str, StoredRow], hists: dict[str, np.ndarray],
+    added: list[list[int]], outcomes: list[WriteOutcome], rows: dict[str, StoredRow], hists: dict[str, np.ndarray],
 ) -> None:
     """Carry each written user into the cache as a read before their next hour would see them,
-    or drop them where the write says that cannot be vouched for (see streaming.user_cache)."""
-    index = version.item_index
-    for plan, wr, out in zip(plans, writes, outcomes):
+    or drop them where the write says that cannot be vouched for (see streaming.user_cache).
+    ``added[i]``: the item_idx of write i's history events, in zset order."""
+    L = version.history_len
+    for plan, wr, items, out in zip(plans, writes, added, outcomes):
         uid = plan.user_id
         if not out.exact or (plan.kind == UPDATE and not out.applied):
             cache.drop(uid)
@@ -209,8 +211,7 @@ def remember(
             n = (row.n if row is not None else 0) + plan.n_known
             first = row.f if row is not None and row.f >= 0 else hour_ms
             row = StoredRow(wr.row, hour_ms, n, first)
-        added = [index.get(member.split(rk.HIST_SEP, 1)[1], 0) for _, member in wr.history]
-        cache.put(uid, CachedUser(row, next_history(hists.get(uid, NO_HISTORY), added, version.history_len)))
+        cache.put(uid, CachedUser(row, next_history(hists.get(uid, NO_HISTORY), items, L)))
 
 
 def apply_hour(
@@ -244,7 +245,9 @@ def _apply_hour(
     t2 = time.perf_counter()
 
     result = HourResult(hour_ms, sum(len(ev) for ev in by_user.values()), read_s=t1 - t0, compute_s=t2 - t1)
-    writes = []
+    writes: list[UserWrite] = []
+    added: list[list[int]] = []
+    index = version.item_index
     for plan in plans:
         counts = result.per_partition.setdefault(partition_of[plan.user_id], {"users": 0, "events": 0, "unknown": 0, "new": 0})
         unknown = len(plan.events) - plan.n_known
@@ -260,7 +263,9 @@ def _apply_hour(
         else:
             result.history_only += 1
         row = new_rows[plan.user_id] if plan.kind == UPDATE else None
-        writes.append(UserWrite(plan.user_id, row, plan.n_known, history_write(plan.events)))
+        history, items = history_write(plan.events, index)
+        writes.append(UserWrite(plan.user_id, row, plan.n_known, history))
+        added.append(items)
 
     retention_ms = cfg.history_retention_s * 1000
     half = len(writes) // 2
@@ -272,7 +277,7 @@ def _apply_hour(
             crash_point("mid_rows")
     result.rows_written = sum(o.applied for o in outcomes)
     if cache is not None:
-        remember(cache, version, hour_ms, plans, writes, outcomes, rows, hists)
+        remember(cache, version, hour_ms, plans, writes, added, outcomes, rows, hists)
     result.seconds = time.perf_counter() - t0
     result.write_s = result.seconds - (t2 - t0)
     return result

@@ -167,8 +167,7 @@ class StoredRow:
     replay of an earlier hour classify the user exactly as its first attempt did."""
 
 
-@dataclass(frozen=True)
-class UserWrite:
+class UserWrite(NamedTuple):
     """What one user's hour writes: the new row (None: history only) and the hour's events."""
 
     user_id: str

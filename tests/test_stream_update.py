@@ -176,3 +176,62 @@ def test_adagrad_step_is_torch_adagrad_exactly():
         ref.grad = g.clone()
         opt.step()
     assert torch.equal(mine, ref.detach())
+
+
+def snapshot(redis_client, prefix: str) -> dict:
+    return {k.decode()[len(prefix):]: redis_client.dump(k) for k in redis_client.scan_iter(match=f"{prefix}:*")}
+
+
+def test_the_user_cache_changes_nothing_in_redis_and_drops_what_it_cannot_vouch_for(settings, redis_client, version):
+    """Hours applied through the write-through cache leave Redis byte for byte as hours that read
+    every user from Redis; a replay, and events of a later hour already in a history, drop the
+    users concerned, who are read again."""
+    from streaming.user_cache import UserCache
+
+    hours = [
+        [ev(1, "u1", "i3", H0 + 60_000), ev(2, "u2", "i9", H0 + 70_000), ev(3, "new", "i4", H0 + 80_000)],
+        [ev(4, "u1", "i5", H0 + HOUR + 1), ev(5, "u1", "i5", H0 + HOUR + 1), ev(6, "new", "i2", H0 + HOUR + 5)],
+        [ev(7, "u1", "i7", H0 + 2 * HOUR + 1), ev(8, "u2", "i99", H0 + 2 * HOUR + 2), ev(9, "new", "i6", H0 + 2 * HOUR + 3)],
+    ]
+    plain = settings.redis.prefix + "-plain"
+    for k in redis_client.scan_iter(match=f"{settings.redis.prefix}:*"):
+        redis_client.copy(k, plain + k.decode()[len(settings.redis.prefix):])
+    try:
+        cached_state, plain_state = StreamState(redis_client, settings.redis.prefix), StreamState(redis_client, plain)
+        cache = UserCache("v1", 100)
+        # u2 already holds an event of the LAST hour (a new version replaying since its cutoff)
+        for p in (settings.redis.prefix, plain):
+            redis_client.zadd(rk.user_history(p, "u2"), {rk.history_member("e8", "i99"): H0 + 2 * HOUR + 2})
+        for h, events in enumerate(hours):
+            a = apply_hour(cached_state, version, H0 + h * HOUR, buffered(events), settings.incremental, cache)
+            b = apply_hour(plain_state, version, H0 + h * HOUR, buffered(events), settings.incremental)
+            assert (a.users_updated, a.rows_written, a.events_applied) == (b.users_updated, b.rows_written, b.events_applied)
+            if h == 0:
+                assert cache.get("u1") is not None and cache.get("u2") is None  # u2's history is not exact
+        assert cache.hits > 0
+        assert snapshot(redis_client, settings.redis.prefix) == snapshot(redis_client, plain)
+        # a replay of the last hour: nothing written, and its users leave the cache
+        again = apply_hour(cached_state, version, H0 + 2 * HOUR, buffered(hours[2]), settings.incremental, cache)
+        assert again.rows_written == 0 and cache.get("u1") is None and cache.get("new") is None
+    finally:
+        for k in redis_client.scan_iter(match=f"{plain}:*"):
+            redis_client.unlink(k)
+
+
+def test_the_user_cache_is_bounded_and_dropped_whole_on_an_error(settings, redis_client, version):
+    from streaming.user_cache import CachedUser, UserCache, next_history
+
+    cache = UserCache("v1", 2)
+    for u in ("a", "b", "c"):
+        cache.put(u, CachedUser(None, np.zeros(0, dtype=np.int32)))
+    assert len(cache) == 2 and cache.get("a") is None  # least recently used out
+    assert next_history(np.array([1, 2, 3], dtype=np.int32), [4, 5], 4).tolist() == [2, 3, 4, 5]
+
+    with pytest.raises(ValueError, match="belongs to version"):
+        apply_hour(StreamState(redis_client, settings.redis.prefix), version, H0, buffered([ev(1, "u1", "i3", H0 + 1)]),
+                   settings.incremental, UserCache("v2", 10))
+    broken = StreamState(redis_client, settings.redis.prefix)
+    broken.apply_users = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("redis went away"))
+    with pytest.raises(ConnectionError):
+        apply_hour(broken, version, H0, buffered([ev(1, "u1", "i3", H0 + 1)]), settings.incremental, cache)
+    assert len(cache) == 0

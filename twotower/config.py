@@ -283,6 +283,9 @@ class IncrementalConfig:
     """An event's ts may be at most this far after its Kafka record timestamp (producer clock skew)."""
     poll_max_records: int = 5000
     """Records per consumer poll."""
+    applier: str = "process"
+    """Who applies closed hours: ``process`` (a worker process beside the Kafka side, so both run
+    at once on two cores) or ``thread`` (one process; see streaming.applier)."""
     cache_users: int = 200_000
     """Users whose row and history the consumer keeps in memory between hours, so an hour reads
     Redis only for the others (streaming.user_cache; about 0.5 KB each; 0 = read every hour)."""
@@ -459,3 +462,25 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if changes:
             settings = settings.replace(section.name, **changes)
     return settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every Settings field as the environment variable load_settings() reads it from.
+
+    Well-known aliases (REDIS_URL, TT_STATE_DIR, ...) are set too, because load_settings()
+    prefers them: a stale REDIS_URL inherited from the shell must not win over the caller's value.
+    Empty strings are left out (load_settings() treats them as unset, i.e. the default).
+    """
+    env: dict[str, str] = {}
+    for section in dataclasses.fields(settings):
+        sub = getattr(settings, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            if text == "":
+                continue
+            env[f"TT_{section.name.upper()}_{f.name.upper()}"] = text
+            alias = _ALIASES.get((section.name, f.name))
+            if alias:
+                env[alias] = text
+    return env

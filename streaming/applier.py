@@ -1,0 +1,295 @@
+"""Who applies the closed hours: the consumer hands batches of hours to an applier and collects
+the HourResults. Two kinds, one interface (``submit`` -> Future, ``forget_users``, ``close``):
+
+    process (default)  a worker process, ``python -m streaming.applier``, fed over its stdin and
+                       answering on its stdout
+    thread             a thread of the consumer process
+
+Why a process: the consumer's two halves are Python-bound. The Kafka side (kafka-python's record
+decoding, parsing, windows) and the update side (Redis script batches, the per-user bookkeeping,
+small tensor ops) each need about a core at full speed, and as two threads of one interpreter
+they take turns on one lock. In two processes they run side by side.
+
+The worker is part of the consumer, not a service: it holds the loaded version and the user
+cache (streaming.user_cache) for the hours it applies, writes Redis itself, and lives and dies
+with the consumer: it asks the kernel for SIGKILL when its parent dies (Linux; elsewhere it
+exits at EOF on stdin), and when the worker is killed the consumer kills itself with the same
+signal (a crash of either is a crash of the consumer: the restart resumes from the stored
+positions, exactly as after a kill -9 of a single process). Any other worker failure is raised
+from ``Future.result()`` with the worker's message.
+
+Frames: 4-byte big-endian length + UTF-8 JSON. Requests: ``{"op": "apply", "version": v,
+"hours": [[hour_ms, [[partition, event_id, user_id, item_id, event_type, ts, weight], ...]],
+...]}`` and ``{"op": "forget", "why": ...}``; replies ``{"results": [HourResult fields, ...]}``,
+``{"ok": true}`` or ``{"error": message}``. JSON, not pickle: nothing here executes what it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, fields
+from typing import IO, Any, Callable
+
+from streaming.events import Event
+from streaming.faults import crash_point
+from streaming.hour import HourResult, apply_hour
+from streaming.state import StreamState
+from streaming.user_cache import UserCache
+from streaming.version import LoadedVersion
+from streaming.windows import Buffered
+from twotower.config import PROJECT_ROOT, IncrementalConfig, Settings, settings_env
+
+log = logging.getLogger("streaming.consumer")
+
+Hours = list[tuple[int, list[Buffered]]]
+PROCESS, THREAD = "process", "thread"
+_LEN = struct.Struct(">I")
+
+
+# --- the work itself (both kinds) --------------------------------------------------------------
+
+
+def apply_hours(state: StreamState, version: LoadedVersion, hours: Hours, cfg: IncrementalConfig, cache: UserCache | None) -> list[HourResult]:
+    """Write the hours one after the other (each reads what the previous wrote), record their
+    counters and log each in words."""
+    from streaming.consumer import iso
+
+    results = []
+    for hour, buffered in hours:
+        result = apply_hour(state, version, hour, buffered, cfg, cache)
+        crash_point("after_rows")
+        state.record_window(version.version, hour, result.per_partition)
+        log.info(
+            "hour %s applied to version %s: %d users updated (%d new, %d rows written now), %d events, "
+            "%d on unknown items, %d users history only, %.2fs (read %.2fs, update %.2fs, write %.2fs)",
+            iso(hour), version.version, result.users_updated, result.new_users, result.rows_written,
+            result.events_applied, result.unknown_items, result.history_only, result.seconds,
+            result.read_s, result.compute_s, result.write_s,
+        )
+        results.append(result)
+    return results
+
+
+# --- wire format ------------------------------------------------------------------------------
+
+
+def write_frame(stream: IO[bytes], message: dict) -> None:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    stream.write(_LEN.pack(len(body)) + body)
+    stream.flush()
+
+
+def read_frame(stream: IO[bytes]) -> dict | None:
+    """The next message, or None at EOF (the other side is gone)."""
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    n = _LEN.unpack(head)[0]
+    body = stream.read(n)
+    if len(body) < n:
+        return None
+    return json.loads(body)
+
+
+def encode_hours(hours: Hours) -> list:
+    """Only what applying needs: each event and its partition (the prefix state stays behind)."""
+    return [[hour, [[b.partition, *b.event] for b in buffered]] for hour, buffered in hours]
+
+
+def decode_hours(wire: list) -> Hours:
+    return [(int(hour), [Buffered(row[0], 0, Event(*row[1:]), 0, 0, 0) for row in events]) for hour, events in wire]
+
+
+def result_to_wire(result: HourResult) -> dict:
+    return asdict(result)
+
+
+def result_from_wire(data: dict) -> HourResult:
+    data = dict(data)
+    data["per_partition"] = {int(p): counts for p, counts in data["per_partition"].items()}
+    return HourResult(**{f.name: data[f.name] for f in fields(HourResult)})
+
+
+# --- the two kinds ----------------------------------------------------------------------------
+
+
+class ThreadApplier:
+    """Hours applied by one thread of this process (see module docstring)."""
+
+    def __init__(self, state: StreamState, cfg: IncrementalConfig):
+        self.state, self.cfg = state, cfg
+        self.cache: UserCache | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hour-applier")
+
+    def submit(self, version: LoadedVersion, hours: Hours) -> Future:
+        if self.cfg.cache_users > 0 and (self.cache is None or self.cache.version != version.version):
+            self.cache = UserCache(version.version, self.cfg.cache_users)
+        return self._pool.submit(apply_hours, self.state, version, hours, self.cfg, self.cache)
+
+    def forget_users(self, why: str) -> None:
+        if self.cache is not None and len(self.cache):
+            log.info("%s: forgetting %d cached users (they are read from Redis again)", why, len(self.cache))
+            self.cache.clear()
+
+    def cache_stats(self) -> dict[str, int]:
+        return {"hits": self.cache.hits, "misses": self.cache.misses, "size": len(self.cache)} if self.cache else {}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class ProcessApplier:
+    """Hours applied by a worker process (see module docstring). Started at once, so that its
+    imports and version load overlap the consumer's group join."""
+
+    def __init__(self, settings: Settings, version: str | None = None):
+        env = dict(os.environ) | settings_env(settings)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streaming.applier"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=PROJECT_ROOT,
+        )
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="applier-io")
+        self._stats: dict[str, int] = {}
+        if version is not None:
+            self._io.submit(self._call, {"op": "load", "version": version})
+
+    def submit(self, version: LoadedVersion, hours: Hours) -> Future:
+        request = {"op": "apply", "version": version.version, "hours": encode_hours(hours)}
+        return self._io.submit(lambda: [result_from_wire(r) for r in self._call(request)["results"]])
+
+    def forget_users(self, why: str) -> None:
+        self._io.submit(self._call, {"op": "forget", "why": why}).result()
+
+    def cache_stats(self) -> dict[str, int]:
+        return self._stats
+
+    def _call(self, request: dict) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            write_frame(self.proc.stdin, request)
+            reply = read_frame(self.proc.stdout)
+        except BrokenPipeError:
+            reply = None
+        if reply is None:
+            self._worker_died()
+        if "error" in reply:
+            raise RuntimeError(f"the hour applier failed: {reply['error']}")
+        self._stats = reply.get("cache", self._stats)
+        return reply
+
+    def _worker_died(self) -> None:
+        code = self.proc.wait()
+        if code < 0:
+            # killed (kill -9, the OOM killer, a fault test's crash point): the consumer goes down
+            # the same way, so that nothing after the crash claims the hours done
+            log.critical("the hour applier process was killed by signal %d: stopping the consumer the same way", -code)
+            os.kill(os.getpid(), -code)
+        raise RuntimeError(f"the hour applier process exited with code {code}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()  # EOF: the worker exits after its current request
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._io.shutdown(wait=True)
+
+
+def make_applier(settings: Settings, state: StreamState, version: str | None):
+    kind = settings.incremental.applier
+    if kind == PROCESS:
+        return ProcessApplier(settings, version)
+    if kind == THREAD:
+        return ThreadApplier(state, settings.incremental)
+    raise ValueError(f"incremental.applier must be {PROCESS!r} or {THREAD!r}, got {kind!r}")
+
+
+# --- the worker process -----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the consumer dies (elsewhere: EOF on stdin ends it)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def serve(inp: IO[bytes], out: IO[bytes], settings: Settings, load: Callable[[str], LoadedVersion]) -> None:
+    """The worker's loop: one request in, one reply out, until EOF."""
+    import torch
+
+    from jobs.redis_conn import redis_client
+
+    torch.set_num_threads(max(1, settings.incremental.threads))
+    cfg = settings.incremental
+    state = StreamState(redis_client(settings), settings.redis.prefix)
+    version: LoadedVersion | None = None
+    cache: UserCache | None = None
+    while (request := read_frame(inp)) is not None:
+        try:
+            op = request.get("op")
+            if op in ("load", "apply") and (version is None or version.version != request["version"]):
+                version = load(request["version"])
+                cache = UserCache(version.version, cfg.cache_users) if cfg.cache_users > 0 else None
+            reply: dict[str, Any] = {"ok": True}
+            if op == "apply":
+                assert version is not None
+                results = apply_hours(state, version, decode_hours(request["hours"]), cfg, cache)
+                reply = {"results": [result_to_wire(r) for r in results]}
+            elif op == "forget":
+                if cache is not None and len(cache):
+                    log.info("%s: forgetting %d cached users (they are read from Redis again)", request.get("why"), len(cache))
+                    cache.clear()
+            elif op != "load":
+                raise ValueError(f"unknown request {op!r}")
+            if cache is not None:
+                reply["cache"] = {"hits": cache.hits, "misses": cache.misses, "size": len(cache)}
+        except Exception as exc:  # noqa: BLE001 - reported to the consumer, which raises it
+            log.exception("the hour applier failed")
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        write_frame(out, reply)
+
+
+def main() -> int:
+    from streaming.version import load_version
+    from twotower.config import load_settings
+    from twotower.logs import setup_logging
+
+    _die_with_parent()
+    setup_logging()
+    settings = load_settings()
+    state = None
+
+    def load(name: str) -> LoadedVersion:
+        nonlocal state
+        from jobs.redis_conn import redis_client
+
+        if state is None:
+            state = StreamState(redis_client(settings), settings.redis.prefix)
+        return load_version(settings, name, state.version_meta(name))
+
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # the frames own stdout: a stray print must not corrupt them
+    serve(sys.stdin.buffer, out, settings, load)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
