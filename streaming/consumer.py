@@ -91,7 +91,7 @@ log = logging.getLogger("streaming.consumer")
 BOUNDED, CONTINUOUS = "bounded", "continuous"
 PROGRESS_EVERY_S = 30.0
 VERSION_CHECK_EVERY_S = 2.0
-MAX_HOURS_PER_BATCH = 24
+MAX_HOURS_PER_BATCH = 168
 """Closed hours handed to the applier at once; positions are stored after each batch."""
 
 
