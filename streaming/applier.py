@@ -1,14 +1,17 @@
 """Who applies the closed hours: the consumer hands batches of hours to an applier and collects
 the HourResults. Two kinds, one interface (``submit`` -> Future, ``forget_users``, ``close``):
 
-    process (default)  a worker process, ``python -m streaming.applier``, fed over its stdin and
+    thread (default)   a thread of the consumer process
+    process            a worker process, ``python -m streaming.applier``, fed over its stdin and
                        answering on its stdout
-    thread             a thread of the consumer process
 
-Why a process: the consumer's two halves are Python-bound. The Kafka side (kafka-python's record
+Why a process at all: the consumer's two halves are Python-bound. The Kafka side (kafka-python's record
 decoding, parsing, windows) and the update side (Redis script batches, the per-user bookkeeping,
 small tensor ops) each need about a core at full speed, and as two threads of one interpreter
-they take turns on one lock. In two processes they run side by side.
+they take turns on one lock. In two processes they run side by side, at the price of a second
+interpreter (imports and the version loaded again: 1-2 s at start, the model's memory twice).
+On the 2-core reference machine, where Redis and the broker share those cores, that is a wash
+(benchmarks/RESULTS.md), so the thread is the default.
 
 The worker is part of the consumer, not a service: it holds the loaded version and the user
 cache (streaming.user_cache) for the hours it applies, writes Redis itself, and lives and dies
@@ -57,15 +60,15 @@ _LEN = struct.Struct(">I")
 
 
 def apply_hours(state: StreamState, version: LoadedVersion, hours: Hours, cfg: IncrementalConfig, cache: UserCache | None) -> list[HourResult]:
-    """Write the hours one after the other (each reads what the previous wrote), record their
-    counters and log each in words."""
+    """Write the hours one after the other (each reads what the previous wrote), log each in
+    words, then record their counters in one round trip (a crash before that replays the hours,
+    which write the same counters: they are functions of the hours' content)."""
     from streaming.consumer import iso
 
     results = []
     for hour, buffered in hours:
         result = apply_hour(state, version, hour, buffered, cfg, cache)
         crash_point("after_rows")
-        state.record_window(version.version, hour, result.per_partition)
         log.info(
             "hour %s applied to version %s: %d users updated (%d new, %d rows written now), %d events, "
             "%d on unknown items, %d users history only, %.2fs (read %.2fs, update %.2fs, write %.2fs)",
@@ -74,6 +77,7 @@ def apply_hours(state: StreamState, version: LoadedVersion, hours: Hours, cfg: I
             result.read_s, result.compute_s, result.write_s,
         )
         results.append(result)
+    state.record_windows(version.version, [(r.hour_ms, r.per_partition) for r in results])
     return results
 
 

@@ -10,7 +10,7 @@ store the checkpoint -> commit offsets.
 
 Two halves, so that the second core is not idle: this one owns the Kafka client (poll, parse,
 buffer, positions, commits: kafka-python's consumer is not thread-safe), and the "applier" (a
-worker process by default, or a thread; streaming.applier) writes the closed hours (Redis
+thread by default, or a worker process; streaming.applier) writes the closed hours (Redis
 reads, the update's tensor work, Redis writes), in order, while the next records are polled
 and parsed. Closed hours go to the applier in batches (up to
 MAX_HOURS_PER_BATCH); positions are stored when a batch is written, so a backlog costs one

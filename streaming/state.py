@@ -315,14 +315,22 @@ class StreamState:
     def record_window(self, version: str, hour_ms: int, per_partition: dict[int, dict[str, int]]) -> None:
         """Per-hour, per-partition counts (values computed from the hour's content: replays
         write the same numbers)."""
-        key = self.key(f"win:{version}:{hour_ms}")
-        mapping = {f"{name}:{p}": int(v) for p, counts in per_partition.items() for name, v in counts.items()}
+        self.record_windows(version, [(hour_ms, per_partition)])
+
+    def record_windows(self, version: str, hours: list[tuple[int, dict[int, dict[str, int]]]]) -> None:
+        """``record_window`` for several hours in one round trip."""
+        if not hours:
+            return
         pipe = self.r.pipeline(transaction=False)
-        if mapping:
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, WINDOW_STATS_TTL_S)
-        pipe.zadd(self.key(f"windows:{version}"), {str(hour_ms): hour_ms})
-        pipe.zremrangebyscore(self.key(f"windows:{version}"), "-inf", f"({hour_ms - WINDOW_STATS_TTL_S * 1000}")
+        for hour_ms, per_partition in hours:
+            key = self.key(f"win:{version}:{hour_ms}")
+            mapping = {f"{name}:{p}": int(v) for p, counts in per_partition.items() for name, v in counts.items()}
+            if mapping:
+                pipe.hset(key, mapping=mapping)
+                pipe.expire(key, WINDOW_STATS_TTL_S)
+        pipe.zadd(self.key(f"windows:{version}"), {str(h): h for h, _ in hours})
+        newest = max(h for h, _ in hours)
+        pipe.zremrangebyscore(self.key(f"windows:{version}"), "-inf", f"({newest - WINDOW_STATS_TTL_S * 1000}")
         pipe.execute()
 
     def window_counts(self, version: str, hour_ms: int) -> dict[str, int]:

@@ -155,6 +155,25 @@ def test_bounded_run_applies_closed_hours_dead_letters_bad_records_and_exits(pre
     dlq.close()
 
 
+def test_both_applier_kinds_write_the_same_rows(prepared, redis_client):
+    """The worker-process applier (streaming.applier) against the in-process thread: the same
+    stream, the same Redis effect, bitwise; and its user cache answered most reads."""
+    s, tv = prepared
+    runs = {}
+    try:
+        for kind in ("thread", "process"):
+            k = with_prefix(s, f"{s.redis.prefix}-{kind}", f"{s.kafka.group_id}-{kind}").replace("incremental", applier=kind)
+            publish_tiny(redis_client, k.redis.prefix, tv)
+            report = run_bounded(k)
+            assert report["hours_applied"] == 8 and report["status"] == "ok"
+            assert report["cached_users"]["hits"] > 0
+            runs[kind] = redis_snapshot(redis_client, k.redis.prefix, "v1")
+        assert assert_same_effect(runs["thread"], runs["process"]) == 0.0
+    finally:
+        for kind in ("thread", "process"):
+            cleanup(redis_client, f"{s.redis.prefix}-{kind}")
+
+
 def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redis_client, tmp_path):
     s, tv = prepared
     ref = with_prefix(s, s.redis.prefix + "-ref", s.kafka.group_id + "-ref")

@@ -283,9 +283,12 @@ class IncrementalConfig:
     """An event's ts may be at most this far after its Kafka record timestamp (producer clock skew)."""
     poll_max_records: int = 5000
     """Records per consumer poll."""
-    applier: str = "process"
-    """Who applies closed hours: ``process`` (a worker process beside the Kafka side, so both run
-    at once on two cores) or ``thread`` (one process; see streaming.applier)."""
+    applier: str = "thread"
+    """Who applies closed hours: ``thread`` (in the consumer process) or ``process`` (a worker
+    process, so the Kafka side and the update side do not share one interpreter lock; see
+    streaming.applier). On the 2-core reference machine the two are within 10% of each other
+    while reading, and the thread starts 1-2 s sooner (benchmarks/RESULTS.md); ``process`` is for
+    hosts with cores to spare, where the Kafka side is the limit."""
     cache_users: int = 200_000
     """Users whose row and history the consumer keeps in memory between hours, so an hour reads
     Redis only for the others (streaming.user_cache; about 0.5 KB each; 0 = read every hour)."""
