@@ -253,13 +253,15 @@ def run(rate: int = 5000, minutes: float = 10.0, malformed: float = 0.005, n_use
                    "last_minute_median": round(statistics.median(last), 1) if last else None, "max": max(rss, default=None)},  # fmt: skip
         "memory_flat": bool(warm and last and statistics.median(last) <= 1.1 * statistics.median(warm)),
         "hours_applied": report["hours_applied"],
+        "user_cache": report.get("cached_users") or {},
+        "cache_users_limit": s.incremental.cache_users,
         "samples": samples,
     }
 
 
 def render(result: dict[str, Any]) -> list[str]:
     a, m = result["accounting"], result["rss_mb"]
-    return [
+    lines = [
         f"{result['target_rate']} events/s for {result['minutes']} min into the continuous consumer "
         f"(achieved input {result['achieved_input_rate']} events/s; max consumer lag {result['max_lag']} records; "
         f"drained {result['drained_after_s']} s after the start).",
@@ -272,6 +274,14 @@ def render(result: dict[str, Any]) -> list[str]:
         f"Exact accounting: **{a['exact']}**. Consumer RSS: {m['second_minute_median']} MB (median, 2nd minute) -> "
         f"{m['last_minute_median']} MB (median, last minute), max {m['max']} MB; flat (within 10%): **{result['memory_flat']}**.",
     ]
+    cache = result.get("user_cache") or {}
+    if cache:
+        lines.append(
+            f"The consumer's user cache (streaming.user_cache) held {cache.get('size'):,} users at the end, of at most "
+            f"{result.get('cache_users_limit', 0):,}: it grows with the distinct users seen (Zipf-like activity keeps adding "
+            "new ones) until that bound, so part of any growth above is the cache filling, not a leak."
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ waited out instead of failing the nightly run. Idle pooled connections are healt
 
 A restarted Redis has forgotten every Lua script loaded into it (the script cache is not
 persisted). redis-py loads a pipeline's scripts once, before its first attempt, so a pipeline
-retried across a restart would fail with NoScriptError. ``ResilientRedis`` pipelines load the
+retried across a restart would fail with NoScriptError (and ours skip even that check once a
+pool has loaded a script: it cost a round trip per pipeline). ``ResilientRedis`` pipelines load the
 missing scripts again and re-run exactly the commands that failed that way (the others did
 run, and are not repeated).
 """
@@ -49,6 +50,19 @@ class ScriptReloadingPipeline(Pipeline):
     scripts and running them: commands answered NoScriptError are re-run once, after the
     scripts are loaded again. Transactions (MULTI/EXEC) behave as redis-py's own."""
 
+    def load_scripts(self) -> None:
+        """redis-py asks the server (SCRIPT EXISTS) before EVERY pipeline that calls a script: a
+        round trip per pipeline, which the hourly path runs several of per hour. Ask once per
+        connection pool and script; a server that forgot them since answers NoScriptError,
+        which ``execute`` handles."""
+        known = self._known_scripts()
+        if any(s.sha not in known for s in self.scripts):
+            super().load_scripts()
+            known.update(s.sha for s in self.scripts)
+
+    def _known_scripts(self) -> set:
+        return self.connection_pool.__dict__.setdefault("_tt_loaded_scripts", set())
+
     def execute(self, raise_on_error: bool = True) -> list:
         if self.transaction or self.explicit_transaction or not self.scripts:
             return super().execute(raise_on_error)
@@ -60,6 +74,7 @@ class ScriptReloadingPipeline(Pipeline):
                 "Redis no longer knows %d of this pipeline's Lua script calls (it restarted and lost its "
                 "script cache); loading the scripts again and re-running those commands", len(missing),
             )
+            self._known_scripts().clear()
             self.command_stack, self.scripts = [stack[i] for i in missing], scripts
             for i, r in zip(missing, super().execute(raise_on_error=False)):
                 results[i] = r

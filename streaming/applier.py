@@ -277,6 +277,10 @@ def main() -> int:
     from twotower.logs import setup_logging
 
     _die_with_parent()
+    # a SIGTERM or Ctrl-C sent to the whole process group is the consumer's to handle: it
+    # finishes the current write, stores positions and then closes our stdin, which ends us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
     settings = load_settings()
     state = None

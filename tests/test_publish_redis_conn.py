@@ -49,3 +49,27 @@ def test_unreachable_redis_names_the_address_without_the_password(settings: Sett
     with pytest.raises(ConnectionError) as err:
         redis_client(down)
     assert "127.0.0.1:1" in str(err.value) and "topsecret" not in str(err.value)
+
+
+def test_pipelines_check_their_scripts_once_and_reload_what_redis_forgot(settings: Settings):
+    client = redis_client(settings)
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    key = f"{settings.redis.prefix}:script-probe"
+
+    def exists_calls() -> int:
+        stats = client.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    try:
+        before = exists_calls()
+        for _ in range(5):
+            pipe = client.pipeline(transaction=False)
+            script(keys=[key], client=pipe)
+            pipe.execute()
+        assert exists_calls() - before <= 1  # not one SCRIPT EXISTS per pipeline
+        client.script_flush()  # what a restarted server has forgotten
+        pipe = client.pipeline(transaction=False)
+        script(keys=[key], client=pipe)
+        assert pipe.execute() == [6]
+    finally:
+        client.delete(key)

@@ -49,6 +49,7 @@ def env_for(s, crash: str | None = None) -> dict[str, str]:
         "TT_INCREMENTAL_MIN_EVENTS_NEW_USER": str(s.incremental.min_events_new_user),
         "TT_INCREMENTAL_IDLE_PARTITION_S": "0",
         "TT_INCREMENTAL_CHECKPOINT_INTERVAL_S": "1",
+        "TT_INCREMENTAL_APPLIER": s.incremental.applier,
     })
     env.pop("TT_STREAM_CRASH_AT", None)
     if crash:
@@ -57,9 +58,11 @@ def env_for(s, crash: str | None = None) -> dict[str, str]:
 
 
 def start_consumer(s, log: Path, mode: str = "bounded", crash: str | None = None) -> subprocess.Popen:
+    """The consumer in a session of its own, so a signal can go to its whole process group (as
+    a terminal's Ctrl-C or a supervisor's stop does)."""
     return subprocess.Popen(
         [sys.executable, "-m", "streaming.consumer", "--mode", mode],
-        cwd=ROOT, env=env_for(s, crash), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env_for(s, crash), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
 
@@ -258,8 +261,10 @@ def test_new_version_replays_from_its_cutoff_into_its_own_rows(prepared, redis_c
         cleanup(redis_client, ref.redis.prefix)
 
 
-def test_continuous_mode_follows_a_version_switch_and_stops_cleanly_on_sigterm(prepared, redis_client, tmp_path):
+@pytest.mark.parametrize("applier", ["thread", "process"])
+def test_continuous_mode_follows_a_version_switch_and_stops_cleanly_on_sigterm(prepared, redis_client, tmp_path, applier):
     s, tv1 = prepared
+    s = s.replace("incremental", applier=applier)
     state = StreamState(redis_client, s.redis.prefix)
     log = tmp_path / "continuous.log"
     proc = start_consumer(s, log, mode="continuous")
@@ -269,7 +274,7 @@ def test_continuous_mode_follows_a_version_switch_and_stops_cleanly_on_sigterm(p
         publish_tiny(redis_client, s.redis.prefix, tv2)
         wait_for(lambda: len(state.applied_windows("v2")) == 2, 60, "v2 to replay the hours since its cutoff")
         assert proc.poll() is None  # still running: continuous
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: the worker applier, if any, gets it too
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
