@@ -210,7 +210,7 @@ def remember(
         if plan.kind == UPDATE:
             n = (row.n if row is not None else 0) + plan.n_known
             first = row.f if row is not None and row.f >= 0 else hour_ms
-            row = StoredRow(wr.row, hour_ms, n, first)
+            row = StoredRow(wr.row.copy(), hour_ms, n, first)  # a copy: the view would pin the whole chunk's array
         cache.put(uid, CachedUser(row, next_history(hists.get(uid, NO_HISTORY), items, L)))
 
 

@@ -155,7 +155,7 @@ return written
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredRow:
     """A user's row as read from Redis: float32 [e], last hour applied (-1: from the nightly model)."""
 

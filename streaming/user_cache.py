@@ -94,4 +94,4 @@ def next_history(hist: np.ndarray, added: list[int], history_len: int) -> np.nda
     if not added:
         return hist
     joined = np.concatenate([hist, np.asarray(added, dtype=np.int32)]) if len(hist) else np.asarray(added, dtype=np.int32)
-    return joined[-history_len:] if len(joined) > history_len else joined
+    return joined[-history_len:].copy() if len(joined) > history_len else joined  # a copy: a view keeps all of joined
