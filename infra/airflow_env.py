@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from twotower.config import PROJECT_ROOT, Settings, _ALIASES, settings_env  # noqa: F401 - settings_env re-exported
+from twotower.config import PROJECT_ROOT, Settings, _ALIASES, settings_env
 
 log = logging.getLogger(__name__)
 
