@@ -138,12 +138,11 @@ class ThreadApplier:
         return self._pool.submit(apply_hours, self.state, version, hours, self.cfg, self.cache)
 
     def forget_users(self, why: str) -> None:
-        if self.cache is not None and len(self.cache):
-            log.info("%s: forgetting %d cached users (they are read from Redis again)", why, len(self.cache))
-            self.cache.clear()
+        if self.cache is not None:
+            self.cache.forget(why)
 
     def cache_stats(self) -> dict[str, int]:
-        return {"hits": self.cache.hits, "misses": self.cache.misses, "size": len(self.cache)} if self.cache else {}
+        return self.cache.stats() if self.cache is not None else {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -258,13 +257,12 @@ def serve(inp: IO[bytes], out: IO[bytes], settings: Settings, load: Callable[[st
                 results = apply_hours(state, version, decode_hours(request["hours"]), cfg, cache)
                 reply = {"results": [result_to_wire(r) for r in results]}
             elif op == "forget":
-                if cache is not None and len(cache):
-                    log.info("%s: forgetting %d cached users (they are read from Redis again)", request.get("why"), len(cache))
-                    cache.clear()
+                if cache is not None:
+                    cache.forget(str(request.get("why")))
             elif op != "load":
                 raise ValueError(f"unknown request {op!r}")
             if cache is not None:
-                reply["cache"] = {"hits": cache.hits, "misses": cache.misses, "size": len(cache)}
+                reply["cache"] = cache.stats()
         except Exception as exc:  # noqa: BLE001 - reported to the consumer, which raises it
             log.exception("the hour applier failed")
             reply = {"error": f"{type(exc).__name__}: {exc}"}

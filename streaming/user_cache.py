@@ -35,12 +35,15 @@ again). About 0.5 KB per user at L = 50, d = 64.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from streaming.state import StoredRow
+
+log = logging.getLogger("streaming.consumer")
 
 
 @dataclass(slots=True)
@@ -87,6 +90,16 @@ class UserCache:
 
     def clear(self) -> None:
         self._users.clear()
+
+    def forget(self, why: str) -> None:
+        """Drop every user, saying why in the log (another member may write them now)."""
+        if self._users:
+            log.info("%s: forgetting %d cached users (they are read from Redis again)", why, len(self._users))
+            self._users.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Hits, misses (Redis reads) and the current size."""
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._users)}
 
 
 def next_history(hist: np.ndarray, added: list[int], history_len: int) -> np.ndarray:
