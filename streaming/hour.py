@@ -28,15 +28,14 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping, Sized
 
 import numpy as np
-import torch
 
 from streaming.events import Event
 from streaming.faults import crash_point
 from streaming.state import StoredRow, StreamState, UserWrite, WriteOutcome
 from streaming.user_cache import CachedUser, UserCache, next_history
-from streaming.update import UserTargets, chunk_size, chunks, sampled_candidates, update_rows, user_targets
+from streaming.update import UserTargets, hour_rows, user_targets
 from streaming.version import LoadedVersion
-from streaming.windows import HOUR_MS, Buffered, events_by_user, window_start
+from streaming.windows import Buffered, events_by_user, window_start
 from twotower import redis_keys as rk
 from twotower.config import IncrementalConfig
 
@@ -124,40 +123,20 @@ def plan_users(
 
 
 def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: Mapping[str, np.ndarray], cfg: IncrementalConfig) -> dict[str, np.ndarray]:
-    """New rows of every planned user with a row (UPDATE and REPLAYED), in fixed chunks of the
-    sorted user list so each row is computed with the same shapes as in any other attempt.
-    ``hists``: each user's history before the hour as item_idx (int [<= L], oldest first)."""
+    """New rows of every planned user with a row (UPDATE and REPLAYED), computed as one hour
+    (streaming.update.hour_rows: fixed chunks of the sorted user list, so each row comes out of
+    the same shapes in any attempt). ``hists``: each user's history before the hour as item_idx
+    (int [<= L], oldest first)."""
     batch = [p for p in plans if p.kind in (UPDATE, REPLAYED)]
-    out: dict[str, np.ndarray] = {}
     if not batch:
-        return out
+        return {}
     # the hour's negative sample is seeded by the hour itself: every attempt draws the same one
     hour_ms = window_start(min(e.ts for p in batch for e in p.events))
-    n_items = version.item_vectors.shape[0] - 1
-    candidates = sampled_candidates(n_items, cfg.negatives, seed=hour_ms // HOUR_MS)
-    size = chunk_size(len(candidates.idx), cfg.logit_budget)
-    for rng in chunks(len(batch), size):
-        part = [batch[i] for i in rng]
-        rows = np.stack([p.start_row for p in part])
-        attrs = version.attrs_of([p.user_idx for p in part])
-        hist = history_matrix([hists.get(p.user_id, NO_HISTORY) for p in part], version.history_len)
-        new_rows, _ = update_rows(
-            version.model, version.item_vectors, rows, attrs, hist, [p.targets for p in part], cfg.steps, cfg.lr, candidates
-        )
-        for p, row in zip(part, new_rows):
-            out[p.user_id] = row
-    return out
-
-
-def history_matrix(hists: list[np.ndarray], width: int) -> torch.Tensor:
-    """Histories (item_idx, oldest first) -> ``LongTensor [N, width]``: the newest ``width`` of
-    each, left-aligned, 0-padded (the layout of models.features.history_tensor)."""
-    out = np.zeros((len(hists), width), dtype=np.int64)
-    for b, h in enumerate(hists):
-        n = min(len(h), width)
-        if n:
-            out[b, :n] = h[len(h) - n :]
-    return torch.from_numpy(out)
+    new_rows = hour_rows(
+        version, np.stack([p.start_row for p in batch]), [p.user_idx for p in batch],
+        [hists.get(p.user_id, NO_HISTORY) for p in batch], [p.targets for p in batch], hour_ms, cfg,
+    )
+    return {p.user_id: row for p, row in zip(batch, new_rows)}
 
 
 def read_state(

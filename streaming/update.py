@@ -185,6 +185,38 @@ def update_rows(
     return row_t.numpy().astype(np.float32, copy=True), first_loss
 
 
+def hour_rows(
+    version, rows: np.ndarray, user_idx: list[int], hists: list[np.ndarray], targets: list[UserTargets], hour_ms: int, cfg
+) -> np.ndarray:
+    """One hour's new rows: float32 [B, e] from the start ``rows[B, e]`` of B users (vocabulary
+    index ``user_idx``, 0 = unknown), their histories before the hour (item_idx int arrays,
+    oldest first) and targets; ``version`` a streaming.version.LoadedVersion, ``cfg`` the
+    IncrementalConfig. The hour's negative sample is seeded by ``hour_ms``, and the users are
+    processed in fixed chunks of the given order, so a row comes out of the same shapes in every
+    attempt at the hour."""
+    n_items = version.item_vectors.shape[0] - 1
+    candidates = sampled_candidates(n_items, cfg.negatives, seed=hour_ms // 3_600_000)
+    size = chunk_size(len(candidates.idx), cfg.logit_budget)
+    out = np.empty((len(rows), rows.shape[1]), dtype=np.float32)
+    for rng in chunks(len(rows), size):
+        sl = slice(rng.start, rng.stop)
+        attrs = version.attrs_of(user_idx[sl])
+        hist = history_matrix(hists[sl], version.history_len)
+        out[sl], _ = update_rows(version.model, version.item_vectors, rows[sl], attrs, hist, targets[sl], cfg.steps, cfg.lr, candidates)
+    return out
+
+
+def history_matrix(hists: list[np.ndarray], width: int) -> torch.Tensor:
+    """Histories (item_idx, oldest first) -> ``LongTensor [N, width]``: the newest ``width`` of
+    each, left-aligned, 0-padded (the layout of models.features.history_tensor)."""
+    out = np.zeros((len(hists), width), dtype=np.int64)
+    for b, h in enumerate(hists):
+        n = min(len(h), width)
+        if n:
+            out[b, :n] = h[len(h) - n :]
+    return torch.from_numpy(out)
+
+
 def _positives_among(cand_idx: torch.Tensor, item_idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """Flat positions ``b * C + c`` where candidate c is one of user b's positives (``cand_idx``
     sorted ascending, [C]; ``item_idx`` [B, P] with padded slots marked in ``pad``)."""
