@@ -156,7 +156,7 @@ def read_state(
             rows[uid] = entry.row
         hists[uid] = entry.hist
     if missing:
-        read_rows, read_hists = state.read_users(version.version, missing, hour_ms, version.history_len)
+        read_rows, read_hists, _ = state.read_users(version.version, missing, hour_ms, version.history_len)
         rows.update(read_rows)
         index = version.item_index
         for uid in missing:
@@ -172,6 +172,19 @@ def history_write(events: list[Event], item_index: Mapping[str, int]) -> tuple[l
     return [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in ordered], [item_index.get(e.item_id, 0) for e in ordered]
 
 
+def written_entry(
+    plan: UserPlan, write: UserWrite, items: list[int], row: StoredRow | None, hist: np.ndarray, hour_ms: int, history_len: int
+) -> CachedUser:
+    """What a read at the user's next hour returns after ``write`` did what it planned (the row
+    written when UPDATE, every history event new), from the state before the hour (``row``,
+    ``hist``); ``items``: the item_idx of the write's history events, in zset order."""
+    if plan.kind == UPDATE:
+        n = (row.n if row is not None else 0) + plan.n_known
+        first = row.f if row is not None and row.f >= 0 else hour_ms
+        row = StoredRow(write.row.copy(), hour_ms, n, first)  # a copy: the view would pin the whole chunk's array
+    return CachedUser(row, next_history(hist, items, history_len))
+
+
 def remember(
     cache: UserCache, version: LoadedVersion, hour_ms: int, plans: list[UserPlan], writes: list[UserWrite],
     added: list[list[int]], outcomes: list[WriteOutcome], rows: dict[str, StoredRow], hists: dict[str, np.ndarray],
@@ -179,18 +192,41 @@ def remember(
     """Carry each written user into the cache as a read before their next hour would see them,
     or drop them where the write says that cannot be vouched for (see streaming.user_cache).
     ``added[i]``: the item_idx of write i's history events, in zset order."""
-    L = version.history_len
     for plan, wr, items, out in zip(plans, writes, added, outcomes):
         uid = plan.user_id
         if not out.exact or (plan.kind == UPDATE and not out.applied):
             cache.drop(uid)
             continue
-        row = rows.get(uid)
-        if plan.kind == UPDATE:
-            n = (row.n if row is not None else 0) + plan.n_known
-            first = row.f if row is not None and row.f >= 0 else hour_ms
-            row = StoredRow(wr.row.copy(), hour_ms, n, first)  # a copy: the view would pin the whole chunk's array
-        cache.put(uid, CachedUser(row, next_history(hists.get(uid, NO_HISTORY), items, L)))
+        cache.put(uid, written_entry(plan, wr, items, rows.get(uid), hists.get(uid, NO_HISTORY), hour_ms, version.history_len))
+
+
+def hour_writes(
+    hour_ms: int, plans: list[UserPlan], new_rows: dict[str, np.ndarray], partition_of: dict[str, int], item_index: Mapping[str, int]
+) -> tuple[HourResult, list[UserWrite], list[list[int]]]:
+    """The hour's counters (functions of its content), one UserWrite per planned user (the row
+    only for UPDATE) and the item_idx of each write's history events in zset order."""
+    result = HourResult(hour_ms, sum(len(p.events) for p in plans))
+    writes: list[UserWrite] = []
+    added: list[list[int]] = []
+    for plan in plans:
+        counts = result.per_partition.setdefault(partition_of[plan.user_id], {"users": 0, "events": 0, "unknown": 0, "new": 0})
+        unknown = len(plan.events) - plan.n_known
+        counts["unknown"] += unknown
+        result.unknown_items += unknown
+        if plan.kind in (UPDATE, REPLAYED):
+            counts["users"] += 1
+            counts["events"] += plan.n_known
+            counts["new"] += int(plan.new_user)
+            result.users_updated += 1
+            result.events_applied += plan.n_known
+            result.new_users += int(plan.new_user)
+        else:
+            result.history_only += 1
+        row = new_rows[plan.user_id] if plan.kind == UPDATE else None
+        history, items = history_write(plan.events, item_index)
+        writes.append(UserWrite(plan.user_id, row, plan.n_known, history))
+        added.append(items)
+    return result, writes, added
 
 
 def apply_hour(
@@ -223,29 +259,8 @@ def _apply_hour(
     new_rows = compute_rows(version, plans, hists, cfg)
     t2 = time.perf_counter()
 
-    result = HourResult(hour_ms, sum(len(ev) for ev in by_user.values()), read_s=t1 - t0, compute_s=t2 - t1)
-    writes: list[UserWrite] = []
-    added: list[list[int]] = []
-    index = version.item_index
-    for plan in plans:
-        counts = result.per_partition.setdefault(partition_of[plan.user_id], {"users": 0, "events": 0, "unknown": 0, "new": 0})
-        unknown = len(plan.events) - plan.n_known
-        counts["unknown"] += unknown
-        result.unknown_items += unknown
-        if plan.kind in (UPDATE, REPLAYED):
-            counts["users"] += 1
-            counts["events"] += plan.n_known
-            counts["new"] += int(plan.new_user)
-            result.users_updated += 1
-            result.events_applied += plan.n_known
-            result.new_users += int(plan.new_user)
-        else:
-            result.history_only += 1
-        row = new_rows[plan.user_id] if plan.kind == UPDATE else None
-        history, items = history_write(plan.events, index)
-        writes.append(UserWrite(plan.user_id, row, plan.n_known, history))
-        added.append(items)
-
+    result, writes, added = hour_writes(hour_ms, plans, new_rows, partition_of, version.item_index)
+    result.read_s, result.compute_s = t1 - t0, t2 - t1
     retention_ms = cfg.history_retention_s * 1000
     half = len(writes) // 2
     outcomes: list[WriteOutcome] = []

@@ -56,79 +56,108 @@ to hold up the serving layer's reads."""
 # (client packing and reply parsing, the server's script setup), not by the data. Each user's
 # keys still share one hash tag; a Redis Cluster deployment would group a batch by slot.
 #
-# APPLY: ARGV = hour, keep (L), end of hour, end - retention, trim slack, then per user:
-#   row bytes ('' = history only), n_events, m, then m pairs (ts, member).
-# Per user: write the row (e, w, n += events, f once) only if its ``w`` is older than this hour;
-# ZADD NX the hour's events; once the history holds more than L + slack, trim it (newest L before
+# APPLY: ARGV = keep (L), retention (ms), trim slack, then per write:
+#   hour, row bytes ('' = history only), n_events, expect_w, since, since_n, m, then m pairs (ts, member).
+# A batch may hold several hours, and one user several times (in hour order): streaming.batch
+# computes a user's later hours from what its earlier writes are predicted to leave, and the
+# guard checks that prediction before writing: ``expect_w`` ('*': no check) is the row's ``w``
+# the computation assumed ('' = no row or a nightly row), and ``since``/``since_n`` ('': no
+# check) say the history must hold exactly since_n events from ``since`` on (what the user's
+# previous write in the batch added, and nothing else). A failed guard writes nothing and
+# reports a conflict; the caller recomputes from Redis.
+# Per write: the row (e, w, n += events, f once) only if its ``w`` is older than the hour; ZADD
+# NX the hour's events; once the history holds more than L + slack, trim it (newest L before
 # the hour's end, plus everything newer than the retention): trimming every time cost three more
-# commands per user, and reads only ever take the newest L. Returns per
-# user ``applied`` (1: the row was written) and ``exact`` (1: every one of the m members was new
-# and the history holds nothing else from the hour's start on, so "history before the next hour"
-# is exactly "history before this hour" + these m events: what streaming.user_cache relies on).
+# commands per user, and reads only ever take the newest L. Returns per write ``applied`` (1:
+# the row was written), ``exact`` (1: every one of the m members was new and the history holds
+# nothing else from the hour's start on, so "history before the next hour" is exactly "history
+# before this hour" + these m events: what streaming.user_cache relies on) and ``conflict``.
 APPLY_USERS_LUA = """
-local hour = tonumber(ARGV[1])
-local keep = tonumber(ARGV[2])
-local slack = tonumber(ARGV[5])
-local before_end = '(' .. ARGV[3]
-local before_old = '(' .. ARGV[4]
+local keep = tonumber(ARGV[1])
+local retention = tonumber(ARGV[2])
+local slack = tonumber(ARGV[3])
 local out = {}
-local a = 6
+local a = 4
 for k = 1, #KEYS, 2 do
   local row, hist = KEYS[k], KEYS[k + 1]
-  local applied = 0
-  if ARGV[a] ~= '' then
-    local cur = redis.call('HMGET', row, 'w', 'n', 'f')
-    if (not cur[1]) or tonumber(cur[1]) < hour then
-      local n = string.format('%d', (tonumber(cur[2]) or 0) + tonumber(ARGV[a + 1]))
-      redis.call('HSET', row, 'e', ARGV[a], 'w', ARGV[1], 'n', n, 'f', cur[3] or ARGV[1])
+  local hour_s, row_bytes, expect_w, since = ARGV[a], ARGV[a + 1], ARGV[a + 3], ARGV[a + 4]
+  local hour = tonumber(hour_s)
+  local m = tonumber(ARGV[a + 6])
+  local first = a + 7
+  local events = tonumber(ARGV[a + 2])
+  local since_n = tonumber(ARGV[a + 5])
+  a = first + 2 * m
+  local cur = nil
+  local ok = true
+  if row_bytes ~= '' or expect_w ~= '*' then
+    cur = redis.call('HMGET', row, 'w', 'n', 'f')
+    if expect_w ~= '*' and (cur[1] or '') ~= expect_w then
+      ok = false
+    end
+  end
+  if ok and since ~= '' and redis.call('ZCOUNT', hist, since, '+inf') ~= since_n then
+    ok = false
+  end
+  if not ok then
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = 1
+  else
+    local applied = 0
+    if row_bytes ~= '' and ((not cur[1]) or tonumber(cur[1]) < hour) then
+      local n = string.format('%d', (tonumber(cur[2]) or 0) + events)
+      redis.call('HSET', row, 'e', row_bytes, 'w', hour_s, 'n', n, 'f', cur[3] or hour_s)
       applied = 1
     end
-  end
-  local m = tonumber(ARGV[a + 2])
-  local added = 0
-  for i = a + 3, a + 2 + 2 * m, 2 do
-    added = added + redis.call('ZADD', hist, 'NX', ARGV[i], ARGV[i + 1])
-  end
-  a = a + 3 + 2 * m
-  if redis.call('ZCARD', hist) > keep + slack then
-    local n_before = redis.call('ZCOUNT', hist, '-inf', before_end)
-    local n_old = redis.call('ZCOUNT', hist, '-inf', before_old)
-    local n = math.min(n_before - keep, n_old)
-    if n > 0 then
-      redis.call('ZREMRANGEBYRANK', hist, 0, n - 1)
+    local added = 0
+    for i = first, first + 2 * m - 1, 2 do
+      added = added + redis.call('ZADD', hist, 'NX', ARGV[i], ARGV[i + 1])
     end
+    if redis.call('ZCARD', hist) > keep + slack then
+      local hour_end = hour + 3600000
+      local n_before = redis.call('ZCOUNT', hist, '-inf', '(' .. string.format('%d', hour_end))
+      local n_old = redis.call('ZCOUNT', hist, '-inf', '(' .. string.format('%d', hour_end - retention))
+      local n = math.min(n_before - keep, n_old)
+      if n > 0 then
+        redis.call('ZREMRANGEBYRANK', hist, 0, n - 1)
+      end
+    end
+    local exact = 0
+    if added == m and redis.call('ZCOUNT', hist, hour_s, '+inf') == m then
+      exact = 1
+    end
+    out[#out + 1] = applied
+    out[#out + 1] = exact
+    out[#out + 1] = 0
   end
-  local exact = 0
-  if added == m and redis.call('ZCOUNT', hist, ARGV[1], '+inf') == m then
-    exact = 1
-  end
-  out[#out + 1] = applied
-  out[#out + 1] = exact
 end
 return out
 """
 
-# READ: ARGV = before_ms, L, separator. Per user 5 values: e, w, n, f ('' when absent) and the
-# item ids of the newest L history events with ts < before_ms, oldest first, as ONE string
-# joined by newlines (ids never hold control characters): one reply element per user instead
-# of L members to parse.
+# READ: ARGV = L, separator, then per user ``before`` (ms). Per user 6 values: e, w, n, f ('' when
+# absent), the item ids of the newest L history events with ts < before, oldest first, as ONE
+# string joined by newlines (ids never hold control characters: one reply element per user
+# instead of L members to parse), and how many history events have ts >= before (0 unless
+# hours from ``before`` on were written already: a replay).
 READ_USERS_LUA = """
-local before = '(' .. ARGV[1]
-local limit = tonumber(ARGV[2])
+local limit = tonumber(ARGV[1])
 local out = {}
+local a = 3
 for k = 1, #KEYS, 2 do
   local row = redis.call('HMGET', KEYS[k], 'e', 'w', 'n', 'f')
-  local members = redis.call('ZREVRANGEBYSCORE', KEYS[k + 1], before, '-inf', 'LIMIT', 0, limit)
+  local members = redis.call('ZREVRANGEBYSCORE', KEYS[k + 1], '(' .. ARGV[a], '-inf', 'LIMIT', 0, limit)
   local items = {}
   for i = #members, 1, -1 do
     local m = members[i]
-    items[#items + 1] = string.sub(m, string.find(m, ARGV[3], 1, true) + 1)
+    items[#items + 1] = string.sub(m, string.find(m, ARGV[2], 1, true) + 1)
   end
   out[#out + 1] = row[1] or ''
   out[#out + 1] = row[2] or ''
   out[#out + 1] = row[3] or ''
   out[#out + 1] = row[4] or ''
   out[#out + 1] = table.concat(items, '\\n')
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[k + 1], ARGV[a], '+inf')
+  a = a + 1
 end
 return out
 """
@@ -177,6 +206,19 @@ class UserWrite(NamedTuple):
     """(ts, member) of the hour's events."""
 
 
+class Guard(NamedTuple):
+    """What a write assumes about the user's state (see APPLY_USERS_LUA); NO_GUARD assumes nothing."""
+
+    expect_w: str
+    """The row's ``w`` as stored ('' for no row or a nightly row; '*': not checked)."""
+    since: str
+    """'' (not checked), or an hour (ms): the history must hold exactly ``since_n`` events from it on."""
+    since_n: int
+
+
+NO_GUARD = Guard("*", "", 0)
+
+
 class WriteOutcome(NamedTuple):
     """What the apply script did for one user."""
 
@@ -185,6 +227,8 @@ class WriteOutcome(NamedTuple):
     exact: bool
     """Every event of the hour was new to the history and nothing else is in it from the hour's
     start on (streaming.user_cache keeps the user only then)."""
+    conflict: bool = False
+    """The write's Guard failed: nothing was written."""
 
 
 def encode_row(row: np.ndarray) -> bytes:
@@ -235,38 +279,51 @@ class StreamState:
 
     # --- rows and histories -----------------------------------------------------------------
 
-    def read_users(self, version: str, user_ids: list[str], before_ms: int, history_len: int) -> tuple[dict[str, StoredRow], dict[str, list[str]]]:
-        """Rows of ``version`` and histories as of ``before_ms`` (items of the newest
-        ``history_len`` events with ts < before_ms, oldest first): one script call per
-        ``USER_BATCH`` users, all in one pipelined round trip."""
+    def read_users(
+        self, version: str, user_ids: list[str], before_ms: int | list[int], history_len: int
+    ) -> tuple[dict[str, StoredRow], dict[str, list[str]], dict[str, int]]:
+        """Rows of ``version``, histories as of ``before_ms`` (one for all, or one per user: items
+        of the newest ``history_len`` events with ts < before, oldest first) and how many history
+        events each user has at or after it: one script call per ``USER_BATCH`` users, all in one
+        pipelined round trip."""
+        befores = before_ms if isinstance(before_ms, list) else [before_ms] * len(user_ids)
         pipe = self.r.pipeline(transaction=False)
         for start in range(0, len(user_ids), USER_BATCH):
-            self._read(keys=self._user_keys(version, user_ids[start : start + USER_BATCH]), args=[before_ms, history_len, rk.HIST_SEP], client=pipe)
+            end = start + USER_BATCH
+            self._read(keys=self._user_keys(version, user_ids[start:end]), args=[history_len, rk.HIST_SEP, *befores[start:end]], client=pipe)
         flat = [v for reply in pipe.execute() for v in reply]
         rows: dict[str, StoredRow] = {}
         hists: dict[str, list[str]] = {}
+        later: dict[str, int] = {}
         for j, uid in enumerate(user_ids):
-            e, w, n, f, items = flat[5 * j : 5 * j + 5]
+            e, w, n, f, items, after = flat[6 * j : 6 * j + 6]
             if e:
                 rows[uid] = StoredRow(decode_row(e), int(w) if w else -1, int(n or 0), int(f) if f else -1)
             hists[uid] = items.decode().split("\n") if items else []
-        return rows, hists
+            later[uid] = int(after)
+        return rows, hists, later
 
     def apply_users(self, version: str, hour_ms: int, writes: list[UserWrite], history_len: int, retention_ms: int) -> list[WriteOutcome]:
-        """Write each user's row (if newer than its ``w``) and history, atomically per user, in
-        one script call per ``USER_BATCH`` users; one WriteOutcome per write, in order."""
-        end = hour_ms + 3_600_000
+        """Write each user's row (if newer than its ``w``) and history for one hour (see apply_writes)."""
+        return self.apply_writes(version, [(hour_ms, wr, NO_GUARD) for wr in writes], history_len, retention_ms)
+
+    def apply_writes(
+        self, version: str, writes: list[tuple[int, UserWrite, Guard]], history_len: int, retention_ms: int
+    ) -> list[WriteOutcome]:
+        """Write (hour, write, guard) triples in order: each user's row (if newer than its ``w``)
+        and history atomically, when its guard holds; one script call per ``USER_BATCH`` writes,
+        all in one pipelined round trip; one WriteOutcome per write, in order."""
         pipe = self.r.pipeline(transaction=False)
         for start in range(0, len(writes), USER_BATCH):
             batch = writes[start : start + USER_BATCH]
-            args: list = [hour_ms, history_len, end, end - retention_ms, TRIM_SLACK]
-            for wr in batch:
-                args += [encode_row(wr.row) if wr.row is not None else b"", wr.n_events, len(wr.history)]
+            args: list = [history_len, retention_ms, TRIM_SLACK]
+            for hour_ms, wr, guard in batch:
+                args += [hour_ms, encode_row(wr.row) if wr.row is not None else b"", wr.n_events, *guard, len(wr.history)]
                 for ts, member in wr.history:
                     args += [ts, member]
-            self._apply(keys=self._user_keys(version, [wr.user_id for wr in batch]), args=args, client=pipe)
+            self._apply(keys=self._user_keys(version, [wr.user_id for _, wr, _ in batch]), args=args, client=pipe)
         flat = [v for reply in pipe.execute() for v in reply]
-        return [WriteOutcome(bool(flat[2 * j]), bool(flat[2 * j + 1])) for j in range(len(writes))]
+        return [WriteOutcome(bool(flat[3 * j]), bool(flat[3 * j + 1]), bool(flat[3 * j + 2])) for j in range(len(writes))]
 
     def _user_keys(self, version: str, user_ids: list[str]) -> list[str]:
         """[row_1, hist_1, row_2, hist_2, ...] (the layout both batch scripts take)."""

@@ -121,7 +121,7 @@ def test_history_is_read_as_of_the_hour_start(settings, redis_client, version, t
     redis_client.zadd(hkey, {rk.history_member("future", "i8"): hour + 2 * HOUR})
     apply_hour(state, version, hour, buffered(events), settings.incremental)
     assert redis_client.hget(rk.user_row(settings.redis.prefix, "v1", "u1"), "e") == clean
-    rows, hists = state.read_users("v1", ["u1"], hour, version.history_len)
+    rows, hists, _ = state.read_users("v1", ["u1"], hour, version.history_len)
     assert hists["u1"] == ["i5", "i6"]
 
 
