@@ -29,6 +29,7 @@ Frames: 4-byte big-endian length + UTF-8 JSON. Requests: ``{"op": "apply", "vers
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -251,7 +252,10 @@ def serve(inp: IO[bytes], out: IO[bytes], settings: Settings, load: Callable[[st
         try:
             op = request.get("op")
             if op in ("load", "apply") and (version is None or version.version != request["version"]):
+                first = version is None
                 version = load(request["version"])
+                if first:
+                    gc.freeze()  # as the consumer does (streaming.consumer): long-lived objects out of full GC scans
                 cache = UserCache(version.version, cfg.cache_users) if cfg.cache_users > 0 else None
             reply: dict[str, Any] = {"ok": True}
             if op == "apply":

@@ -53,6 +53,8 @@ def check(result, value: bytes | None, key: bytes | None = None, ts: int | None 
         fast = _parse_clean(text, key, ts, Limits(), True)
         full = _parse_full(text, key, ts, Limits(), True)
         assert fast is None or (fast == full and type(fast.weight) is float and type(fast.ts) is int)
+        if value and len(value) <= Limits().max_bytes:
+            assert result == full  # parse_event's answer is the full checks' answer, fast path or not
     if isinstance(result, Rejection):
         assert result.code in REASONS and result.code != "unknown_item" and result.message
         record = json.loads(dead_letter_value(value, result, "t/0@1"))  # always buildable, always JSON
@@ -77,6 +79,51 @@ def test_the_fast_path_answers_for_clean_messages_and_only_for_them():
     assert _parse_clean(text[:-1] + ',"ts":1}', b"u1", TS, Limits(), True) is None  # a repeated key
     assert _parse_clean(text[:-1] + ',"x":{"ts":1}}', b"u1", TS, Limits(), True) is None  # nested: full checks
     assert _parse_clean(text, b"u2", TS, Limits(), True) is None  # key mismatch: the full checks word it
+
+
+def test_the_fast_path_skips_no_check_it_shortcuts():
+    """The fast path's shortcuts (a ':' count for duplicates, no id regex without escapes, the key
+    compared as bytes, event types remembered) each fall back to, or agree with, the full checks."""
+    text = encode_event(VALID).decode()
+    colon = Event("urn:e:1", "u1", "i:1", "add:cart", TS, 1.0)  # colons in values: KEY_END_RE decides
+    assert _parse_clean(encode_event(colon).decode(), b"u1", TS, Limits(), True) == colon
+    assert _parse_clean(encode_event(colon).decode()[:-1] + ',"ts":1}', b"u1", TS, Limits(), True) is None
+    assert _parse_clean(text[:-1] + ',"user_id" :"u1"}', b"u1", TS, Limits(), True) is None  # a repeat '":' misses
+    escaped = json.dumps(VALID._replace(item_id="caf\u00e9")._asdict())  # ensure_ascii: a backslash
+    assert _parse_clean(escaped, b"u1", TS, Limits(), True) == VALID._replace(item_id="caf\u00e9")
+    for bad_id in ("i\x00", "i\x7f", "i\ud800", "i\x1f", " i", "i\xa0", "i\u2028"):
+        for escape in (True, False):  # "\u0000" escaped, or DEL / NBSP raw: both refused
+            doc = json.dumps(VALID._replace(item_id=bad_id)._asdict(), ensure_ascii=escape)
+            if not escape and any(c < " " or "\ud800" <= c <= "\udfff" for c in bad_id):
+                continue  # raw control characters are not JSON; raw surrogates are not UTF-8
+            assert _parse_clean(doc, b"u1", TS, Limits(), True) is None
+            assert _parse_full(doc, b"u1", TS, Limits(), True).code == "id_bad_characters"
+    # a key that is not user_id's UTF-8 but decodes (errors="replace") to it: the full path accepts
+    odd = VALID._replace(user_id="u\ufffd")
+    assert _parse_clean(encode_event(odd).decode(), b"u\xff", TS, Limits(), True) is None
+    assert parse_event(encode_event(odd), b"u\xff", TS) == odd
+    assert parse_event(encode_event(VALID) + b"\n", b"u1", TS) == VALID  # trailing blank: full path
+    assert parse_event(encode_event(VALID) + b"\x0b", b"u1", TS).code == "not_json"  # not JSON whitespace
+    for _ in range(2):  # event types are remembered once good: bad ones stay bad
+        assert parse_event(encode_event(VALID._replace(event_type="rating")), b"u1", TS).event_type == "rating"
+        assert parse_event(encode_event(VALID._replace(event_type="add to cart")), b"u1", TS).code == "bad_event_type"
+    assert _parse_clean(text.replace("1.0", "1.0 "), b"u1", TS, Limits(), True) == VALID  # blanks after a value
+
+
+ids = st.text(alphabet=st.sampled_from("ab1:-_ \t\x00\x1f\x7f\\\"\u00e9\ufffd\xa0\u2028\ud800"), min_size=0, max_size=6)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(ids, ids, ids, st.sampled_from(["click", "a:b", "click\n", "", "x y"]), st.booleans(),
+       st.sampled_from([(",", ":"), (", ", ": ")]), st.sampled_from(["same", "none", "replace", "other"]))
+def test_ids_near_the_fast_paths_shortcuts(event_id, user_id, item_id, event_type, ascii_only, seps, key_kind):
+    """Ids and keys built from exactly the characters the shortcuts reason about (escapes, DEL,
+    colons, blanks, U+FFFD, lone surrogates): parse_event answers as the full checks do."""
+    doc = {"event_id": event_id, "user_id": user_id, "item_id": item_id, "event_type": event_type, "ts": TS}
+    value = json.dumps(doc, ensure_ascii=ascii_only, separators=seps).encode("utf-8", "surrogatepass")
+    raw_user = user_id.encode("utf-8", "surrogatepass")
+    key = {"same": raw_user, "none": None, "replace": raw_user.replace("\ufffd".encode(), b"\xff"), "other": b"u2"}[key_kind]
+    check(parse_twice(value, key, TS), value, key, TS)
 
 
 def parse_twice(value, key, ts):
@@ -116,8 +163,11 @@ def test_field_mutations_of_valid_events(data):
         else:
             obj[name] = None if how == "null" else data.draw(json_values)
     text = json.dumps(obj, allow_nan=True, ensure_ascii=data.draw(st.booleans()))
-    if data.draw(st.booleans()):  # a duplicated key, the second value differing
-        text = text[:-1] + f',"{data.draw(st.sampled_from(FIELDS))}":{json.dumps(data.draw(json_values), allow_nan=True)}' + "}"
+    if data.draw(st.booleans()):  # a duplicated key, the second value differing or not
+        name = data.draw(st.sampled_from(FIELDS))
+        again = getattr(VALID, name) if data.draw(st.booleans()) else data.draw(json_values)  # a valid repeat too
+        colon = data.draw(st.sampled_from([":", " :", "\n: "]))  # blanks before the colon too
+        text = text[:-1] + f',"{name}"{colon}{json.dumps(again, allow_nan=True)}' + "}"
     value = text.encode("utf-8", "surrogatepass")
     key, ts = data.draw(keys), data.draw(record_ts)
     check(parse_twice(value, key, ts), value, key, ts)

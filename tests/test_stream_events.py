@@ -84,6 +84,7 @@ CASES = [
     ("bad_weight", body(weight=1e9), b"u1", TS),
     ("bad_event_type", body(event_type="add to cart!"), b"u1", TS),
     ("bad_event_type", body(event_type=""), b"u1", TS),
+    ("bad_event_type", body(event_type="click\n"), b"u1", TS),  # "$" alone let a final newline through
     ("missing_key", body(), None, TS),
     ("key_mismatch", body(), b"u2", TS),
 ]

@@ -194,3 +194,65 @@ def test_events_by_user_dedups_and_orders():
     out = events_by_user(buffered)
     assert list(out) == ["u1", "u2"]
     assert [e.event_id for e in out["u2"]] == ["e2", "e1"]
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(0, 3), st.sampled_from("abc")), max_size=60))
+def test_events_by_user_is_the_sorted_deduplicated_grouping(rows):
+    """Against the definition: stable sort by (ts, item_id, event_id), first of each event_id kept
+    (ids repeat with different content here, and ts and items tie often), grouped by user, users sorted."""
+    from streaming.windows import Buffered
+
+    buffered = [Buffered(0, i, Event(f"e{n}", f"u{u}", item, "click", H0 + m * MIN), NO_TS, 0, 0) for i, (n, u, m, item) in enumerate(rows)]
+    seen: set[str] = set()
+    expected: dict[str, list[Event]] = {}
+    for b in sorted(buffered, key=lambda b: (b.event.ts, b.event.item_id, b.event.event_id)):
+        if b.event.event_id not in seen:
+            seen.add(b.event.event_id)
+            expected.setdefault(b.event.user_id, []).append(b.event)
+    out = events_by_user(buffered)
+    assert list(out) == sorted(expected) and out == expected
+
+
+def test_on_event_lateness_boundary_is_inclusive():
+    """Late exactly when the partition's max ts reaches the event's hour end + lateness (is_late)."""
+    for max_ts, outcome in ((H0 + HOUR_MS + LATENESS, LATE), (H0 + HOUR_MS + LATENESS - 1, BUFFERED)):
+        t = PartitionTracker(0, 0)
+        t.on_event(0, ev(0, max_ts), LATENESS)
+        assert t.on_event(1, ev(1, H0 + HOUR_MS - 1), LATENESS) == outcome
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([-130, -70, -61, -60, -59, -10, -1, 0, 1, 10, 59, 60, 61, 70, 130]),
+                          st.sampled_from(["event", "event", "dead", "close", "close_idle"])), max_size=80),
+       st.sampled_from([0, LATENESS, HOUR_MS]))
+def test_on_event_follows_the_definitions(steps, lateness):
+    """on_event's inlined arithmetic against window_start / is_late, the applied and idle-closed
+    marks, and the prefix state stored with each buffered event. Steps are whole minutes near
+    the hour and lateness lengths, so events land exactly on those boundaries often."""
+    from streaming.windows import Buffered
+
+    t = PartitionTracker(3, 0)
+    ts = H0
+    for offset, (delta, what) in enumerate(steps):
+        ts = max(H0, ts + delta * MIN)
+        if what == "dead":
+            t.on_dead(offset)
+            continue
+        if what.startswith("close"):
+            t.close_through(window_start(ts) - HOUR_MS, idle=what == "close_idle")
+        before = (t.max_ts, t.dead, t.late, t.applied_through, t.idle_closed_through)
+        w = window_start(ts)
+        if is_late(ts, t.max_ts, lateness) or w <= t.idle_closed_through:
+            expected = LATE
+        elif w <= t.applied_through:
+            expected = ALREADY_APPLIED
+        else:
+            expected = BUFFERED
+        assert t.on_event(offset, ev(offset, ts), lateness) == expected
+        assert t.max_ts == max(before[0], ts) and t.next_offset == offset + 1
+        assert t.late == before[2] + (expected == LATE)
+        if expected == BUFFERED:
+            b = t.buffer[w][-1]
+            assert type(b) is Buffered and b == Buffered(3, offset, ev(offset, ts), before[0], before[1], before[2])
+            assert b.window == w
