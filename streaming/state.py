@@ -56,8 +56,10 @@ to hold up the serving layer's reads."""
 # (client packing and reply parsing, the server's script setup), not by the data. Each user's
 # keys still share one hash tag; a Redis Cluster deployment would group a batch by slot.
 #
-# APPLY: ARGV = keep (L), retention (ms), trim slack, then per write:
-#   hour, row bytes ('' = history only), n_events, expect_w, since, since_n, m, then m pairs (ts, member).
+# APPLY: ARGV = keep (L), retention (ms), trim slack, then per write 8 values:
+#   hour, row bytes ('' = history only), n_events, expect_w, since, since_n, the hour's event
+#   timestamps (decimal, space-separated) and their history members (newline-separated; ids never
+#   hold control characters): two strings instead of 2 x m arguments, and one ZADD per user.
 # A batch may hold several hours, and one user several times (in hour order): streaming.batch
 # computes a user's later hours from what its earlier writes are predicted to leave, and the
 # guard checks that prediction before writing: ``expect_w`` ('*': no check) is the row's ``w``
@@ -82,11 +84,10 @@ for k = 1, #KEYS, 2 do
   local row, hist = KEYS[k], KEYS[k + 1]
   local hour_s, row_bytes, expect_w, since = ARGV[a], ARGV[a + 1], ARGV[a + 3], ARGV[a + 4]
   local hour = tonumber(hour_s)
-  local m = tonumber(ARGV[a + 6])
-  local first = a + 7
   local events = tonumber(ARGV[a + 2])
   local since_n = tonumber(ARGV[a + 5])
-  a = first + 2 * m
+  local stamps, members = ARGV[a + 6], ARGV[a + 7]
+  a = a + 8
   local cur = nil
   local ok = true
   if row_bytes ~= '' or expect_w ~= '*' then
@@ -109,9 +110,19 @@ for k = 1, #KEYS, 2 do
       redis.call('HSET', row, 'e', row_bytes, 'w', hour_s, 'n', n, 'f', cur[3] or hour_s)
       applied = 1
     end
-    local added = 0
-    for i = first, first + 2 * m - 1, 2 do
-      added = added + redis.call('ZADD', hist, 'NX', ARGV[i], ARGV[i + 1])
+    local m, added, pairs = 0, 0, {}
+    local next_member = string.gmatch(members, '[^\\n]+')
+    for ts in string.gmatch(stamps, '%S+') do
+      pairs[#pairs + 1] = ts
+      pairs[#pairs + 1] = next_member()
+      m = m + 1
+      if #pairs >= 1000 then  -- a bounded unpack (Lua's C stack)
+        added = added + redis.call('ZADD', hist, 'NX', unpack(pairs))
+        pairs = {}
+      end
+    end
+    if #pairs > 0 then
+      added = added + redis.call('ZADD', hist, 'NX', unpack(pairs))
     end
     if redis.call('ZCARD', hist) > keep + slack then
       local hour_end = hour + 3600000
@@ -318,9 +329,10 @@ class StreamState:
             batch = writes[start : start + USER_BATCH]
             args: list = [history_len, retention_ms, TRIM_SLACK]
             for hour_ms, wr, guard in batch:
-                args += [hour_ms, encode_row(wr.row) if wr.row is not None else b"", wr.n_events, *guard, len(wr.history)]
-                for ts, member in wr.history:
-                    args += [ts, member]
+                args += [
+                    hour_ms, encode_row(wr.row) if wr.row is not None else b"", wr.n_events, *guard,
+                    " ".join([str(ts) for ts, _ in wr.history]), "\n".join([member for _, member in wr.history]),
+                ]
             self._apply(keys=self._user_keys(version, [wr.user_id for _, wr, _ in batch]), args=args, client=pipe)
         flat = [v for reply in pipe.execute() for v in reply]
         return [WriteOutcome(bool(flat[3 * j]), bool(flat[3 * j + 1]), bool(flat[3 * j + 2])) for j in range(len(writes))]
