@@ -21,8 +21,11 @@ sits does not matter (pooling masks it and counts recency from the last real ite
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,8 +120,7 @@ class TwoTower(nn.Module):
 
     def user_context(self, user_attrs: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """Everything of the user tower's input except the ID row: pooled attributes ⊕ pooled
-        history, ``[B, e * (1 + history width)]``. The hourly update computes it once per hour,
-        since only the row moves between its steps."""
+        history, ``[B, e * (1 + history width)]``. (``UserTowerArrays.context`` is its numpy mirror.)"""
         parts = [pooled_embeddings(self.attr_embedding, user_attrs)]
         if self.use_history:
             parts.append(pool_history(self.item_id_embedding, hist, self.cfg.pooling, self.cfg.decay_half_life))
@@ -127,55 +129,6 @@ class TwoTower(nn.Module):
     def user_vectors_from_context(self, id_rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """User vectors ``[B, d]`` (unit norm) from ID rows ``[B, e]`` and ``user_context`` ``[B, c]``."""
         return F.normalize(self.user_mlp(torch.cat([id_rows, context], dim=-1)), dim=-1)
-
-    def user_row_map(self, context: torch.Tensor):
-        """For a fixed ``context[B, c]``: the function ``id_rows[B, e] -> user vectors [B, d]``
-        (eval mode), with the context's share of the first layer computed once. The hourly
-        update calls it every step, where only the rows move. Equal to
-        ``user_vectors_from_context`` up to float rounding (the first layer's sum is split)."""
-        first, act, _dropout, last = self.user_mlp
-        e = self.user_id_embedding.weight.shape[1]
-        w_row = first.weight[:, :e]
-        context_pre = F.linear(context, first.weight[:, e:], first.bias)
-
-        def user_vectors(id_rows: torch.Tensor) -> torch.Tensor:
-            return F.normalize(last(act(F.linear(id_rows, w_row) + context_pre)), dim=-1)
-
-        return user_vectors
-
-    def user_row_map_with_grad(self, context: torch.Tensor):
-        """Like ``user_row_map``, with its backward written out: the returned function maps
-        ``id_rows[B, e]`` to ``(user vectors [B, d], vjp)`` where ``vjp(g[B, d])`` is the gradient
-        of ``sum(g * u)`` with respect to the rows, ``[B, e]``. No autograd graph: the hourly
-        update runs this a few times per hour on a few hundred rows, where the engine's per-op
-        bookkeeping cost more than the arithmetic. Eval mode (dropout is the identity).
-
-        u = z / |z|, z = W2 relu(h) + b2, h = W1_row r + (context share); so
-        dz = (g - u (u . g)) / |z|,  dh = (dz W2) * [h > 0],  dr = dh W1_row.
-        """
-        first, _act, _dropout, last = self.user_mlp
-        e = self.user_id_embedding.weight.shape[1]
-        w_row = first.weight[:, :e]
-        w_out, b_out = last.weight, last.bias
-        with torch.no_grad():
-            context_pre = F.linear(context, first.weight[:, e:], first.bias)
-
-        @torch.no_grad()
-        def forward(id_rows: torch.Tensor):
-            h = torch.addmm(context_pre, id_rows, w_row.T)
-            a = torch.relu(h)
-            z = torch.addmm(b_out, a, w_out.T)
-            norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
-            u = z / norm
-
-            def vjp(g: torch.Tensor) -> torch.Tensor:
-                dz = (g - u * (u * g).sum(-1, keepdim=True)) / norm
-                dh = (dz @ w_out).mul_(h > 0)
-                return dh @ w_row
-
-            return u, vjp
-
-        return forward
 
     def user_vectors(self, user_idx: torch.Tensor, user_attrs: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """User vectors ``[B, d]`` (unit norm) for vocabulary indices ``user_idx[B]`` (0 = unknown user)."""
@@ -193,6 +146,183 @@ class TwoTower(nn.Module):
     def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, N]`` = <u, v> / temperature."""
         return user_vecs @ item_vecs.T / self.temperature
+
+
+class RowPass(NamedTuple):
+    """What ``UserTowerArrays.row_forward`` keeps for ``row_backward`` (float32)."""
+
+    v: np.ndarray
+    """[B, d] the output: ``scale`` x the unit user vectors."""
+    h: np.ndarray
+    """[B, hidden] first-layer pre-activations."""
+    coef: np.ndarray
+    """[B, 1] scale / |z|, z the output before normalisation."""
+    inv_scale2: np.float32
+    """1 / scale^2."""
+
+
+class UserTowerArrays:
+    """The frozen user tower of a TwoTower (eval mode) as read-only numpy float32 copies, with
+    the backward with respect to the ID row written out: the hourly update runs a few steps on
+    one or a few rows per hour, where torch's per-op dispatch cost more than the arithmetic.
+    Mirrors ``TwoTower.user_context`` and ``user_vectors_from_context`` up to float summation
+    order (tests compare them).
+
+    The first layer's weight is split into the row's columns and the context's: the context
+    (pooled attributes and history) does not move between steps, so its share of the first
+    layer, ``hidden_context``, is computed once per hour. Then for rows r [B, e]:
+
+        h = r W1_row^T + hidden_context,  z = relu(h) W2^T + b2,  u = z / |z|
+        dz = (g - u (u . g)) / |z|,  dh = (dz W2) * [h > 0],  dr = dh W1_row
+    """
+
+    def __init__(self, model: TwoTower):
+        first, _act, _dropout, last = model.user_mlp
+        e = int(model.user_id_embedding.weight.shape[1])
+        self.use_history = model.use_history
+        self.pooling = model.cfg.pooling
+        self.half_life = float(model.cfg.decay_half_life)
+        self.attr_table = _padded_table(model.attr_embedding)
+        self.item_table = _padded_table(model.item_id_embedding) if model.use_history else None
+        self.history_len = int(model.history_len)
+        self.decay_by_rank, self.decay_total = self._decay_tables(self.history_len)
+        self.w_row = _frozen(first.weight[:, :e])  # [hidden, e]
+        self.w_row_t = _frozen(first.weight[:, :e].T)  # [e, hidden]
+        self.w_context_t = _frozen(first.weight[:, e:].T)  # [c, hidden]
+        self.b1 = _frozen(first.bias)
+        self.w2 = _frozen(last.weight)  # [d, hidden]
+        self.w2_t = _frozen(last.weight.T)  # [hidden, d]
+        self.b2 = _frozen(last.bias)
+
+    def _decay_tables(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``recency_weights`` by rank (0 = most recent real item) for ``width`` slots, with a 0
+        at index ``width`` for padding slots; and their sums over the n most recent, n = 0..width
+        (the decay pooling's normaliser; 1e-6 for n = 0, its clamp)."""
+        rank = torch.arange(width + 1, dtype=torch.float32)
+        by_rank = torch.pow(0.5, rank / self.half_life)  # as recency_weights computes them, in float32
+        by_rank[width] = 0.0
+        total = torch.cat([torch.zeros(1), torch.cumsum(by_rank[:width], 0)]).clamp_min(1e-6)
+        return _frozen(by_rank), _frozen(total)
+
+    def context(self, user_attrs: np.ndarray, hists: Sequence[np.ndarray]) -> np.ndarray:
+        """``TwoTower.user_context``: pooled attributes ⊕ pooled history, float32 [B, c], from
+        the 0-padded int array ``user_attrs[B, A]`` and the histories (see ``history_context``)."""
+        attrs = self.attribute_context(user_attrs)
+        return np.concatenate([attrs, self.history_context(hists)], axis=1) if self.use_history else attrs
+
+    def attribute_context(self, user_attrs: np.ndarray) -> np.ndarray:
+        """Mean of the attribute embeddings over the non-zero ids of ``user_attrs[B, A]``: [B, e]
+        (0 where none, as embedding_bag with padding_idx=0)."""
+        n = np.count_nonzero(user_attrs, axis=1)[:, None]
+        return self.attr_table[user_attrs].sum(axis=1) / np.maximum(n, 1).astype(np.float32)
+
+    def history_context(self, hists: Sequence[np.ndarray]) -> np.ndarray:
+        """``pool_history`` of the item-ID embeddings of each history's newest ``history_len``
+        entries (item_idx ints, oldest first; 0 = an item the version does not know, skipped
+        but holding its slot, as in the 0-padded ``hist[B, L]`` of the torch tower): float32
+        [B, e], or [B, 2e] for ``mean+decay``. A single history is pooled on its own (half the
+        array ops: most hours have one user), more as one [B, L] matrix."""
+        if len(hists) == 1:
+            h = hists[0]
+            return self._pool_one(h[len(h) - min(len(h), self.history_len) :])[None, :]
+        return self._pool_matrix(history_matrix(hists, self.history_len))
+
+    def _pool_one(self, window: np.ndarray) -> np.ndarray:
+        """One history window (<= ``history_len`` entries, oldest first) -> [e] or [2e]."""
+        real = window[window > 0]
+        n = len(real)
+        emb = self.item_table[real]  # [n, e]
+        parts = []
+        if self.pooling in ("mean", "mean+decay"):
+            parts.append(emb.sum(axis=0) / np.float32(max(n, 1)))
+        if self.pooling in ("decay", "mean+decay"):
+            # oldest first: the ranks run n - 1 .. 0
+            parts.append(np.dot(self.decay_by_rank[:n][::-1], emb) / self.decay_total[n])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _pool_matrix(self, hist: np.ndarray) -> np.ndarray:
+        """The same for a 0-padded ``hist[B, L]``, L <= ``history_len``."""
+        batch, width = hist.shape
+        if width == 0:
+            return np.zeros((batch, self.item_table.shape[1] * (2 if self.pooling == "mean+decay" else 1)), dtype=np.float32)
+        real = hist > 0
+        seen = np.cumsum(real, axis=1)  # real items up to each slot; the last column counts them all
+        n = seen[:, -1]
+        emb = self.item_table[hist]  # [B, L, e]; padding gathers the zero row
+        parts = []
+        if self.pooling in ("mean", "mean+decay"):
+            parts.append(emb.sum(axis=1) / np.maximum(n, 1).astype(np.float32)[:, None])
+        if self.pooling in ("decay", "mean+decay"):
+            # rank of a real slot = the real items after it; padding slots read the trailing 0
+            w = self.decay_by_rank[np.where(real, n[:, None] - seen, len(self.decay_by_rank) - 1)]
+            pooled = np.matmul(w[:, None, :], emb)[:, 0]
+            pooled /= self.decay_total[n][:, None]
+            parts.append(pooled)
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def hidden_context(self, context: np.ndarray) -> np.ndarray:
+        """The context's share of the first layer, bias included: float32 [B, hidden]."""
+        out = np.dot(context, self.w_context_t)
+        out += self.b1
+        return out
+
+    def row_forward(self, rows: np.ndarray, hidden_context: np.ndarray, scale: float = 1.0) -> RowPass:
+        """``scale`` x the unit user vectors of ID rows ``rows[B, e]``, in ``RowPass.v`` [B, d]
+        (the update passes 1 / temperature, so the output times an item vector is its logit)."""
+        h = np.dot(rows, self.w_row_t)
+        h += hidden_context
+        z = np.dot(np.maximum(h, np.float32(0.0)), self.w2_t)
+        z += self.b2
+        # F.normalize: z / max(|z|, 1e-12)
+        norm = np.sqrt((z * z).sum(axis=1, keepdims=True))
+        coef = np.float32(scale) / np.maximum(norm, np.float32(1e-12), out=norm)
+        z *= coef
+        return RowPass(z, h, coef, np.float32(1.0 / (scale * scale)))
+
+    def row_backward(self, g: np.ndarray, fwd: RowPass) -> np.ndarray:
+        """Gradient of ``sum(g * v)`` with respect to the rows: float32 [B, e] for ``g[B, d]``.
+        With v = s u:  dz = (s / |z|) (g - v (v . g) / s^2)."""
+        v = fwd.v
+        dz = v * ((v * g).sum(axis=1, keepdims=True) * fwd.inv_scale2)
+        np.subtract(g, dz, out=dz)
+        dz *= fwd.coef
+        dh = np.dot(dz, self.w2)
+        np.multiply(dh, fwd.h > 0, out=dh)  # relu
+        return np.dot(dh, self.w_row)
+
+
+def history_matrix(hists: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """Histories (item_idx, oldest first) -> int64 ``[B, width]``: the newest ``width`` of
+    each, left-aligned, 0-padded (the layout of models.features.history_tensor)."""
+    out = np.zeros((len(hists), width), dtype=np.int64)
+    for b, h in enumerate(hists):
+        n = min(len(h), width)
+        if n:
+            out[b, :n] = h[len(h) - n :]
+    return out
+
+
+def _frozen(t: torch.Tensor) -> np.ndarray:
+    """A read-only float32 C-contiguous copy (the model's own tensors stay untouched)."""
+    a = np.array(t.detach().numpy(), dtype=np.float32, order="C", copy=True)
+    a.flags.writeable = False
+    return a
+
+
+def _padded_table(table: nn.Embedding) -> np.ndarray:
+    """An embedding table whose row 0 (padding, which pooling skips) is zero, so that a plain
+    sum skips it too: a read-only view of the model's float32 weight when its row 0 is zero
+    already (as training keeps it: no memory for a second copy of the table), else a copy
+    with row 0 zeroed."""
+    weight = table.weight.detach()
+    if weight.dtype == torch.float32 and weight.is_contiguous() and not bool(weight[0].any()):
+        view = weight.numpy().view()
+        view.flags.writeable = False
+        return view
+    a = np.array(weight.numpy(), dtype=np.float32, order="C", copy=True)
+    a[0] = 0.0
+    a.flags.writeable = False
+    return a
 
 
 @torch.no_grad()

@@ -1,25 +1,34 @@
-"""The hourly update rule: a few Adagrad steps on user-ID rows only (DESIGN §5). Pure tensors in, rows out.
+"""The hourly update rule: a few Adagrad steps on user-ID rows only (DESIGN §5). Arrays in, rows out.
 
 Objective. For each touched user u with positives P_u (the known items of u's events in the
 hour, weights w_e normalised to sum to 1 per user):
 
-    loss = sum_u  - sum_{e in P_u} w_e * log softmax_i( <f(row_u, attrs_u, hist_u), v_i> / tau )[item_e]
+    loss = sum_u  - sum_{e in P_u} w_e * log softmax_{i in P_u + S_u}( s_ui )[item_e]
+    s_ui = <f(row_u, attrs_u, hist_u), v_i> / tau  (+ log(N / C) for i in S_u)
 
 f is the frozen user tower with the Redis row injected in place of the ID lookup
 (``TwoTower.user_vectors_from_rows``), v_i the frozen item vectors of the version (the
-``item_embeddings.npy`` that the index serves), and the softmax runs over the FULL corpus
-(padding row 0 excluded). Why full softmax and not the in-batch sampled softmax of training:
-an hour touches few users, so in-batch negatives would be a handful of items chosen by who
-happened to be active, and they would change when a crash splits the hour differently; the
-full softmax is what the sampled softmax with logQ correction estimates, costs B x N x d per
-step (N = 1.7k items here; chunking keeps B x N within ``logit_budget``), and needs no
-frequency estimates. A corpus of tens of millions of items would switch to a fixed, seeded
-negative sample per hour with the logQ correction; that is not needed at this size.
+``item_embeddings.npy`` that the index serves). S_u is the hour's negative sample minus u's own
+positives: C = ``IncrementalConfig.negatives`` items (512) shared by every user of the hour, with
+the log(N / C) correction that makes the sampled partition function estimate the full one (a
+uniform sample, so the logQ term is that constant). With C >= N (or C = 0) S_u is the rest of
+the corpus, i.e. the plain full softmax over the N items, without correction.
 
-Only the rows move. The model's parameters have ``requires_grad=False`` and gradients are taken
-with respect to the row tensor alone; every other weight stays bitwise unchanged (tests check it). Adagrad state
-starts fresh each hour (nothing to store per row, and the step is a pure function of the row
-and the hour's events).
+Why a fixed sample per hour and not the in-batch negatives of training: an hour touches few
+users, so in-batch negatives would be a handful of items chosen by who happened to be active,
+and they would change when a crash splits the hour differently. The sample is a window of C
+consecutive entries of a seeded permutation of the corpus, made once per version
+(``RowUpdateArrays``): hour h starts at (h * C) mod N and wraps. Every attempt at an hour reads the same window; it
+costs O(C) per hour, not a permutation of the corpus; over consecutive hours the windows sweep
+the permutation, so every item is a negative in the same share C / N of the hours, which is
+what the correction assumes.
+
+Only the rows move. The arithmetic is numpy float32 on read-only copies of the frozen weights
+(``models.towers.UserTowerArrays``: the user tower with its row backward written out; the
+softmax's gradient is closed-form, (p - w) . V / tau), so the model's parameters stay bitwise
+unchanged (tests check it). An hour of one or two users is ~100 small array ops, whose cost is
+per op: about 0.12 ms in numpy against 0.9 ms as torch ops. Adagrad state starts fresh each
+hour (nothing to store per row, and the step is a pure function of the row and the hour's events).
 
 Determinism (needed for exactly-once): each user's new row depends only on that user's
 inputs. The loss is a sum of per-user terms and every op is row-wise, so other rows' values do
@@ -30,13 +39,22 @@ the hour's sorted user list (``chunks``), whatever subset of them a restart stil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from models.towers import UserTowerArrays
+from streaming.windows import HOUR_MS
 
 ONE_WEIGHT = np.ones(1, dtype=np.float32)
 ONE_WEIGHT.flags.writeable = False  # shared by every single-event user
+
+NEGATIVES_SEED = 20_240_301
+"""Seed of the per-version permutation that the hours' negative samples are windows of."""
+WINDOW_TABLE_BYTES = 64 << 20
+"""Largest copy of the item vectors in permutation order kept per version (see ``_window_vectors``)."""
 
 
 @dataclass(frozen=True)
@@ -77,17 +95,6 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def padded_targets(targets: list[UserTargets]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(items [B, P] long, weights [B, P] float) padded with item 0 / weight 0."""
-    width = max(len(t.items) for t in targets)
-    items = np.zeros((len(targets), width), dtype=np.int64)
-    weights = np.zeros((len(targets), width), dtype=np.float32)
-    for b, t in enumerate(targets):
-        items[b, : len(t.items)] = t.items
-        weights[b, : len(t.items)] = t.weights
-    return torch.from_numpy(items), torch.from_numpy(weights)
-
-
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no gradients for every parameter (the incremental path never moves them)."""
     model.eval()
@@ -96,93 +103,114 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """The items a chunk's softmax normalises over, besides each user's own positives.
+class Negatives(NamedTuple):
+    """The items an hour's softmax normalises over besides each user's own positives.
 
-    ``idx`` int64 [C] item_idx >= 1; ``log_correction`` is added to their logits: 0 for the
-    full corpus, log(N / C) for a uniform sample of C of the N items (the sampled-softmax
-    estimate of the full partition function; uniform sampling makes the logQ term a constant).
+    Entries ``start .. start + C - 1`` (mod N) of an ordering of the N items, whose inverse is
+    ``position`` (item_idx -> place in the ordering), so a positive's column among the
+    negatives is found in O(1). ``log_correction`` is added to their logits: 0 for the full
+    corpus, log(N / C) for a sample of C.
     """
 
-    idx: torch.Tensor
+    idx: np.ndarray
+    """int64 [C] item_idx >= 1."""
+    vectors: np.ndarray
+    """float32 [C, d]: their item vectors."""
+    position: np.ndarray
+    """int64 [N + 1]: item i is entry ``position[i]`` of the ordering (entry 0 unused)."""
+    start: int
     log_correction: float
 
-
-def full_corpus(n_items: int) -> Candidates:
-    return Candidates(torch.arange(1, n_items + 1), 0.0)
-
-
-def sampled_candidates(n_items: int, n_negatives: int, seed: int) -> Candidates:
-    """``n_negatives`` items drawn uniformly without replacement, seeded (the same set in every
-    attempt at the same hour); the full corpus when it is not larger than the sample."""
-    if n_negatives <= 0 or n_negatives >= n_items:
-        return full_corpus(n_items)
-    gen = torch.Generator().manual_seed(int(seed) % (2**63 - 1))
-    idx = torch.randperm(n_items, generator=gen)[:n_negatives].sort().values + 1
-    return Candidates(idx, float(np.log(n_items / n_negatives)))
+    def columns(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For item_idx ``items`` (>= 1, any shape): (column among the negatives, whether it is
+        one of them). The column is meaningless where it is not."""
+        col = self.position[items]
+        col -= self.start
+        col %= len(self.position) - 1
+        return col, col < len(self.idx)
 
 
-def update_rows(
-    model,
-    item_vectors: torch.Tensor,
-    rows: np.ndarray,
-    user_attrs: torch.Tensor,
-    hist: torch.Tensor,
-    targets: list[UserTargets],
-    steps: int,
-    lr: float,
-    candidates: Candidates | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``steps`` Adagrad steps on ``rows`` and return (new rows float32 [B, e], loss before [B]).
+class RowUpdateArrays:
+    """What the update reads of a version, as numpy arrays made once per version (lazily, by
+    ``LoadedVersion.update_arrays``): the user tower, the corpus vectors, each user's pooled
+    attributes and the seeded item permutation the hours' negatives are windows of."""
 
-    ``model`` is a frozen TwoTower; ``item_vectors[N + 1, d]`` its corpus vectors (row 0 padding);
-    ``rows[B, e]`` the users' current ID rows; ``user_attrs[B, A]`` and ``hist[B, L]`` 0-padded;
-    ``targets`` one UserTargets per row; ``candidates`` the softmax's other items (default: the
-    whole corpus). The batch is processed as given (callers chunk it).
+    def __init__(self, model, item_vectors: torch.Tensor, user_attrs: torch.Tensor):
+        self.tower = UserTowerArrays(model)
+        self.inv_tau = float(1.0 / float(model.temperature))
+        self.item_vectors = np.ascontiguousarray(item_vectors.numpy(), dtype=np.float32).view()
+        """float32 [N + 1, d], row 0 padding: a read-only view of the version's tensor (float32, contiguous)."""
+        self.item_vectors.flags.writeable = False
+        self.user_attr_context = self._attribute_contexts(np.asarray(user_attrs.numpy(), dtype=np.int64))
+        """float32 [n_users + 1, e]: each user's pooled attributes, the attribute part of the
+        tower's context (as many floats per user as the model's own ID table holds)."""
+        self._windows: dict[int, np.ndarray | None] = {}
+        self.max_logit = float(np.sqrt(np.max(np.einsum("nd,nd->n", self.item_vectors, self.item_vectors)))) * self.inv_tau
+        """Bound on |logit| before the sample's correction: unit user vectors, so |v_i| / tau."""
 
-    The softmax of user b runs over [its P positives | the candidates that are not among them].
-    With the full corpus as candidates that is every item exactly once, i.e. the plain full
-    softmax. Its gradient with respect to the user vector is closed-form,
-    (p - w) . V / tau, and the small user-tower MLP's backward is written out
-    (``TwoTower.user_row_map_with_grad``: no autograd graph); the context (pooled attributes and
-    history, and its share of the first layer) does not depend on the row and is computed once.
-    """
-    if len(targets) != len(rows):
-        raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
-    cand = candidates if candidates is not None else full_corpus(item_vectors.shape[0] - 1)
-    item_idx, item_w = padded_targets(targets)  # [B, P]
-    inv_tau = 1.0 / float(model.temperature)
-    with torch.no_grad():
-        user_vectors = model.user_row_map_with_grad(model.user_context(user_attrs, hist))
-        pos_v = item_vectors[item_idx]  # [B, P, d]; padded slots gather row 0 (zeros) with weight 0
-        neg_v = item_vectors[cand.idx]  # [C, d]
-        pad = item_w <= 0  # padded positive slots
-        dup = _positives_among(cand.idx, item_idx, pad)  # flat [B * C] positions: never a negative of their own user
-        row_t = torch.tensor(np.asarray(rows, dtype=np.float32))
-        state_sum = torch.zeros_like(row_t)
-        first_loss = None
-        for _ in range(steps):
-            u, vjp = user_vectors(row_t)
-            su = u * inv_tau
-            s_pos = torch.bmm(pos_v, su.unsqueeze(-1)).squeeze(-1).masked_fill_(pad, -torch.inf)  # [B, P]
-            s_neg = torch.mm(su, neg_v.T)  # [B, C]
-            if cand.log_correction:
-                s_neg.add_(cand.log_correction)
-            s_neg.view(-1)[dup] = -torch.inf
-            # softmax over [positives | negatives] without concatenating: one exp per logit
-            m = torch.maximum(s_pos.amax(1, keepdim=True), s_neg.amax(1, keepdim=True))
-            e_pos, e_neg = s_pos.sub_(m).exp_(), s_neg.sub_(m).exp_()
-            z = e_pos.sum(1, keepdim=True).add_(e_neg.sum(1, keepdim=True))
-            p_pos, p_neg = e_pos.div_(z), e_neg.div_(z)
-            if first_loss is None:
-                first_loss = -(item_w * torch.log(p_pos.clamp_min(1e-30))).sum(1).numpy().copy()
-            g_pos = p_pos.sub_(item_w)  # dL/ds = p - w on the positives, p on the negatives
-            grad_u = torch.bmm(g_pos.unsqueeze(1), pos_v).squeeze(1).addmm_(p_neg, neg_v).mul_(inv_tau)
-            adagrad_step(row_t, vjp(grad_u), state_sum, lr)
-    if first_loss is None:
-        first_loss = np.zeros(len(rows), dtype=np.float32)
-    return row_t.numpy().astype(np.float32, copy=True), first_loss
+    def _attribute_contexts(self, user_attrs: np.ndarray, batch: int = 65_536) -> np.ndarray:
+        out = np.empty((len(user_attrs), self.tower.attr_table.shape[1]), dtype=np.float32)
+        for start in range(0, len(user_attrs), batch):  # bounded temporaries: [batch, A, e]
+            out[start : start + batch] = self.tower.attribute_context(user_attrs[start : start + batch])
+        out.flags.writeable = False
+        return out
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_vectors) - 1
+
+    @cached_property
+    def _permutation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the seeded permutation of items 1..N written twice, so any window of <= N entries is
+        one slice, int64 [2N]; its inverse, int64 [N + 1])."""
+        perm = np.random.default_rng(NEGATIVES_SEED).permutation(self.n_items).astype(np.int64) + 1
+        position = np.zeros(self.n_items + 1, dtype=np.int64)
+        position[perm] = np.arange(self.n_items)
+        return np.concatenate([perm, perm]), position
+
+    def _window_vectors(self, n_negatives: int) -> np.ndarray | None:
+        """The item vectors in permutation order followed by the first ``n_negatives`` again
+        ([N + C, d]: any hour's window is one slice of it, no gather), for corpora where that
+        copy stays within ``WINDOW_TABLE_BYTES``; None beyond (each hour gathers its C rows).
+        Either way an hour reads the same vectors."""
+        cached = self._windows.get(n_negatives)
+        if cached is None and n_negatives not in self._windows:
+            if (self.n_items + n_negatives) * self.item_vectors.nbytes // len(self.item_vectors) <= WINDOW_TABLE_BYTES:
+                twice, _ = self._permutation
+                cached = np.take(self.item_vectors, twice[: self.n_items + n_negatives], axis=0)
+                cached.flags.writeable = False
+            self._windows[n_negatives] = cached
+        return cached
+
+    @cached_property
+    def _full_corpus(self) -> Negatives:
+        n = self.n_items
+        return Negatives(np.arange(1, n + 1), self.item_vectors[1:], np.arange(-1, n), 0, 0.0)
+
+    def negatives(self, n_negatives: int, hour: int) -> Negatives:
+        """Hour ``hour``'s negatives (hours since the epoch): the ``n_negatives`` entries of the
+        permutation from (hour * n_negatives) mod N on, wrapping; the full corpus, in item
+        order, when the sample would not be smaller than it."""
+        n = self.n_items
+        if n_negatives <= 0 or n_negatives >= n:
+            return self._full_corpus
+        twice, position = self._permutation
+        start = (hour * n_negatives) % n
+        window = slice(start, start + n_negatives)
+        table = self._window_vectors(n_negatives)
+        vectors = table[window] if table is not None else np.take(self.item_vectors, twice[window], axis=0)
+        return Negatives(twice[window], vectors, position, start, float(np.log(n / n_negatives)))
+
+    def context(self, user_idx: list[int], hists: list[np.ndarray]) -> np.ndarray:
+        """The users' tower context (pooled attributes ⊕ pooled history), float32 [B, c]:
+        vocabulary index ``user_idx`` (0, or beyond the table: no attributes) and histories
+        (item_idx, oldest first; the newest ``history_len`` of the model count)."""
+        idx = np.asarray(user_idx, dtype=np.int64)
+        idx[idx >= len(self.user_attr_context)] = 0
+        attrs = self.user_attr_context[idx]
+        if not self.tower.use_history:
+            return attrs
+        return np.concatenate([attrs, self.tower.history_context(hists)], axis=1)
 
 
 def hour_rows(
@@ -191,46 +219,101 @@ def hour_rows(
     """One hour's new rows: float32 [B, e] from the start ``rows[B, e]`` of B users (vocabulary
     index ``user_idx``, 0 = unknown), their histories before the hour (item_idx int arrays,
     oldest first) and targets; ``version`` a streaming.version.LoadedVersion, ``cfg`` the
-    IncrementalConfig. The hour's negative sample is seeded by ``hour_ms``, and the users are
-    processed in fixed chunks of the given order, so a row comes out of the same shapes in every
-    attempt at the hour."""
-    n_items = version.item_vectors.shape[0] - 1
-    candidates = sampled_candidates(n_items, cfg.negatives, seed=hour_ms // 3_600_000)
-    size = chunk_size(len(candidates.idx), cfg.logit_budget)
+    IncrementalConfig. The hour's negatives are the hour's window of the version's permutation,
+    and the users are processed in fixed chunks of the given order, so a row comes out of the
+    same shapes in every attempt at the hour."""
+    arrays: RowUpdateArrays = version.update_arrays
+    negatives = arrays.negatives(cfg.negatives, hour_ms // HOUR_MS)
+    size = chunk_size(len(negatives.idx), cfg.logit_budget)
     out = np.empty((len(rows), rows.shape[1]), dtype=np.float32)
     for rng in chunks(len(rows), size):
         sl = slice(rng.start, rng.stop)
-        attrs = version.attrs_of(user_idx[sl])
-        hist = history_matrix(hists[sl], version.history_len)
-        out[sl], _ = update_rows(version.model, version.item_vectors, rows[sl], attrs, hist, targets[sl], cfg.steps, cfg.lr, candidates)
+        out[sl] = update_rows(arrays, negatives, rows[sl], arrays.context(user_idx[sl], hists[sl]), targets[sl], cfg.steps, cfg.lr)
     return out
 
 
-def history_matrix(hists: list[np.ndarray], width: int) -> torch.Tensor:
-    """Histories (item_idx, oldest first) -> ``LongTensor [N, width]``: the newest ``width`` of
-    each, left-aligned, 0-padded (the layout of models.features.history_tensor)."""
-    out = np.zeros((len(hists), width), dtype=np.int64)
-    for b, h in enumerate(hists):
-        n = min(len(h), width)
-        if n:
-            out[b, :n] = h[len(h) - n :]
-    return torch.from_numpy(out)
+def update_rows(
+    arrays: RowUpdateArrays, negatives: Negatives, rows: np.ndarray, context: np.ndarray, targets: list[UserTargets], steps: int, lr: float
+) -> np.ndarray:
+    """Run ``steps`` Adagrad steps on ``rows[B, e]`` and return the new rows, float32 [B, e].
+
+    ``context[B, c]`` is the users' tower context (``RowUpdateArrays.context``), ``targets`` one
+    UserTargets per row. The softmax of user b runs over [its P positives | the negatives that
+    are not among them]; with the full corpus as negatives that is every item exactly once. The
+    batch is processed as given (callers chunk it).
+    """
+    if len(targets) != len(rows):
+        raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
+    tower, inv_tau = arrays.tower, arrays.inv_tau
+    items, item_w = padded_targets(targets)  # [B, P]
+    n_pos = items.shape[1]
+    pos_v = arrays.item_vectors[items]  # [B, P, d]; padded slots gather row 0 with weight 0
+    neg_v = negatives.vectors  # [C, d]
+    bias = logit_bias(negatives, items, item_w)  # [B, P + C]
+    # softmax is shift-invariant; the usual max shift only keeps exp in float32's range, which
+    # |logit| <= max |v| / tau + correction <= 60 already does (tau 0.05: 20 + log(N / C))
+    shift = arrays.max_logit + negatives.log_correction > 60.0
+    hidden_context = tower.hidden_context(context)
+    row = np.asarray(rows, dtype=np.float32)  # each step makes a new array: the caller's stays untouched
+    state_sum = None
+    for _ in range(steps):
+        fwd = tower.row_forward(row, hidden_context, scale=inv_tau)  # fwd.v = u / tau
+        s = np.empty_like(bias)  # logits of [positives | negatives], each part written in place
+        np.matmul(pos_v, fwd.v[:, :, None], out=s[:, :n_pos, None])
+        np.matmul(fwd.v, neg_v.T, out=s[:, n_pos:])
+        s += bias
+        if shift:
+            s -= s.max(axis=1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=1, keepdims=True)  # the softmax p over [positives | negatives]
+        s[:, :n_pos] -= item_w  # dL/ds = p - w on the positives, p on the negatives
+        grad_v = np.matmul(s[:, None, :n_pos], pos_v)[:, 0]  # dL/d(u / tau)
+        grad_v += s[:, n_pos:] @ neg_v
+        row, state_sum = adagrad_step(row, tower.row_backward(grad_v, fwd), state_sum, lr)
+    return row if steps > 0 else row.copy()
 
 
-def _positives_among(cand_idx: torch.Tensor, item_idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """Flat positions ``b * C + c`` where candidate c is one of user b's positives (``cand_idx``
-    sorted ascending, [C]; ``item_idx`` [B, P] with padded slots marked in ``pad``)."""
-    n_cand = len(cand_idx)
-    col = torch.searchsorted(cand_idx, item_idx).clamp_max(n_cand - 1)
-    hit = (cand_idx[col] == item_idx) & ~pad
-    rows = torch.arange(len(item_idx)).unsqueeze(1).expand_as(col)
-    return (rows * n_cand + col)[hit]
+def padded_targets(targets: list[UserTargets]) -> tuple[np.ndarray, np.ndarray]:
+    """(items int64 [B, P], weights float32 [B, P]) padded with item 0 / weight 0."""
+    if len(targets) == 1:
+        return targets[0].items[None, :], targets[0].weights[None, :]
+    widths = {len(t.items) for t in targets}
+    if len(widths) == 1:  # nothing to pad (e.g. one event per user): one concatenation each
+        shape = (len(targets), widths.pop())
+        return np.concatenate([t.items for t in targets]).reshape(shape), np.concatenate([t.weights for t in targets]).reshape(shape)
+    width = max(widths)
+    items = np.zeros((len(targets), width), dtype=np.int64)
+    weights = np.zeros((len(targets), width), dtype=np.float32)
+    for b, t in enumerate(targets):
+        items[b, : len(t.items)] = t.items
+        weights[b, : len(t.items)] = t.weights
+    return items, weights
 
 
-@torch.no_grad()
-def adagrad_step(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor, lr: float, eps: float = 1e-10) -> None:
-    """One Adagrad step in place, the exact update of ``torch.optim.Adagrad`` (no lr decay, no
-    weight decay, zero initial accumulator). Written out because the optimiser class pulls in
-    torch's compiler stack on first use (1.5 s per process start), and the rule is three lines."""
-    state_sum.addcmul_(grad, grad, value=1.0)
-    param.addcdiv_(grad, state_sum.sqrt().add_(eps), value=-lr)
+def logit_bias(negatives: Negatives, items: np.ndarray, item_w: np.ndarray) -> np.ndarray:
+    """What is added to the logits [B, P + C] of [positives | negatives]: -inf on padded
+    positive slots and where a negative is one of the user's own positives (it is counted
+    once, as a positive), the sample's log correction on the other negatives."""
+    n_pos = items.shape[1]
+    bias = np.full((len(items), n_pos + len(negatives.idx)), negatives.log_correction, dtype=np.float32)
+    bias[:, :n_pos] = 0.0
+    col, hit = negatives.columns(items)
+    padded = item_w <= 0  # slots of users with fewer positives than the chunk's widest
+    if padded.any():
+        bias[:, :n_pos][padded] = -np.inf
+        hit &= ~padded
+    b, p = np.nonzero(hit)
+    col += n_pos
+    bias[b, col[b, p]] = -np.inf
+    return bias
+
+
+def adagrad_step(
+    param: np.ndarray, grad: np.ndarray, state_sum: np.ndarray | None, lr: float, eps: float = 1e-10
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Adagrad step on float32 arrays, the update of ``torch.optim.Adagrad`` (no lr decay,
+    no weight decay, zero initial accumulator: ``state_sum`` None on the first step) in its
+    operation order. Returns new (param, state_sum) arrays; the given ones are not modified."""
+    square = grad * grad
+    state_sum = square if state_sum is None else state_sum + square
+    return param - np.float32(lr) * grad / (np.sqrt(state_sum) + np.float32(eps)), state_sum

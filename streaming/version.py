@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,14 @@ class LoadedVersion:
     user_attrs: torch.Tensor
     """int64 [n_users + 1, A]; row 0 (unknown user) all padding."""
     history_len: int
+
+    @cached_property
+    def update_arrays(self):
+        """The numpy arrays the hourly update reads (streaming.update.RowUpdateArrays), made on
+        first use; a ``dataclasses.replace`` copy makes its own."""
+        from streaming.update import RowUpdateArrays
+
+        return RowUpdateArrays(self.model, self.item_vectors, self.user_attrs)
 
     @property
     def id_dim(self) -> int:

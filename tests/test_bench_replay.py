@@ -28,7 +28,7 @@ from benchmarks.replay_sim import (
     with_oov_rows,
 )
 from benchmarks.temporal_replay import VARIANT_NAMES, seed_metrics, spread, sweep_configs, window_summary
-from streaming.update import update_rows, user_targets
+from streaming.update import hour_rows, user_targets
 from streaming.version import load_version
 from twotower.config import IncrementalConfig
 from twotower.contracts import day_start_ms
@@ -180,18 +180,14 @@ def test_hourly_rows_are_the_update_rule_applied_to_the_hours_users(tiny_version
     assert set(rows.stored) == {"u1", "stranger"} and rows.new_users == 1
     assert rows.stored["u1"].w == T0 and rows.stored["u1"].n == 1
 
-    from models.features import history_tensor
-
-    expected, _ = update_rows(
-        v.model, v.item_vectors, v.model_row(1)[None, :], v.attrs_of([1]),
-        history_tensor([v.item_idx(["i4"])], v.history_len), [user_targets(v.item_idx(["i3"]), [1.0])], 3, 0.05,
+    expected = hour_rows(
+        v, v.model_row(1)[None, :], [1], [np.array(v.item_idx(["i4"]))], [user_targets(v.item_idx(["i3"]), [1.0])], T0, cfg,
     )  # fmt: skip
     # equal up to float summation order: the hour batches both users, the call above one
     np.testing.assert_allclose(rows.stored["u1"].e, expected[0], atol=1e-6)
     assert np.abs(rows.stored["u1"].e - v.model_row(1)).max() > 1e-3
-    expected_new, _ = update_rows(
-        v.model, v.item_vectors, v.model_row(0)[None, :], v.attrs_of([0]),
-        history_tensor([[]], v.history_len), [user_targets(v.item_idx(["i5"]), [1.0])], 3, 0.05,
+    expected_new = hour_rows(
+        v, v.model_row(0)[None, :], [0], [np.zeros(0, dtype=np.int32)], [user_targets(v.item_idx(["i5"]), [1.0])], T0, cfg,
     )  # fmt: skip
     np.testing.assert_allclose(rows.stored["stranger"].e, expected_new[0], atol=1e-6)  # from the OOV row 0
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.features import history_tensor
 from streaming.events import Event
 from streaming.hour import apply_hour
 from streaming.state import StreamState, decode_row, encode_row
-from streaming.update import chunk_size, update_rows, user_targets
+from streaming.update import RowUpdateArrays, chunk_size, hour_rows, user_targets
 from streaming.version import load_version
 from streaming.windows import Buffered
 from tests.kafka_fixtures import BASE_MS, HOUR, publish_tiny, write_tiny_artifact
@@ -35,21 +36,84 @@ def ev(i: int, user: str, item: str, ts: int, weight: float = 1.0) -> Event:
     return Event(f"e{i}", user, item, "click", ts, weight)
 
 
-def test_only_user_rows_move_and_the_positive_gains(version):
+def reference_rows(version, rows, user_idx, hists, targets, negatives, log_correction, steps, lr) -> np.ndarray:
+    """The update rule written independently: torch autograd through the model's own
+    ``user_vectors_from_rows``, each user's softmax over [its positives | the negatives that are
+    not among them] (logits <u, v> / tau, + log_correction on the negatives), torch.optim.Adagrad."""
+    model, vectors, tau = version.model, version.item_vectors, version.model.temperature
+    attrs = version.attrs_of(user_idx)
+    hist = history_tensor([h.tolist() for h in hists], version.history_len)
+    row = torch.tensor(rows, requires_grad=True)
+    opt = torch.optim.Adagrad([row], lr=lr)
+    negatives = torch.as_tensor(negatives)
+    for _ in range(steps):
+        u = model.user_vectors_from_rows(row, attrs, hist)
+        loss = torch.zeros(())
+        for b, t in enumerate(targets):
+            keep = t.weights > 0
+            pos, w = torch.as_tensor(t.items[keep]), torch.as_tensor(t.weights[keep])
+            others = negatives[~torch.isin(negatives, pos)]
+            logits = torch.cat([vectors[pos] @ u[b] / tau, vectors[others] @ u[b] / tau + log_correction])
+            loss = loss - (w * torch.log_softmax(logits, 0)[: len(pos)]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return row.detach().numpy()
+
+
+def hour_inputs(version, n_users: int, seed: int = 0):
+    """Start rows, user_idx (the unknown user 0, one beyond the vocabulary, then vocabulary
+    users), histories (with unknown items, some longer than L) and targets (1-3 positives, the
+    second of weight 0) of a test hour."""
+    rng = np.random.default_rng(seed)
+    n_items = version.item_vectors.shape[0] - 1
+    rows = rng.normal(scale=0.3, size=(n_users, version.id_dim)).astype(np.float32)
+    user_idx = ([0, 55] + [int(i) for i in rng.integers(1, 51, n_users)])[:n_users]  # 50 users in the vocabulary
+    hists = [rng.integers(0, n_items + 1, int(rng.integers(0, 2 * version.history_len))).astype(np.int32) for _ in range(n_users)]
+    targets = []
+    for _ in range(n_users):
+        items = rng.choice(np.arange(1, n_items + 1), int(rng.integers(1, 4)), replace=False)
+        targets.append(user_targets([int(i) for i in items], [1.0, 0.0, 2.0][: len(items)]))
+    return rows, user_idx, hists, targets
+
+
+@pytest.mark.parametrize("n_users", [1, 2, 5])
+@pytest.mark.parametrize("negatives", [0, 7])
+def test_hour_rows_are_the_sampled_softmax_update_of_torch_autograd(version, settings, n_users, negatives):
+    cfg = settings.replace("incremental", negatives=negatives, steps=3, lr=0.05).incremental
+    rows, user_idx, hists, targets = hour_inputs(version, n_users, seed=n_users)
+    hour = H0 // HOUR + 5
+    sample = version.update_arrays.negatives(negatives, hour)
+    n_items = version.item_vectors.shape[0] - 1
+    if negatives:
+        assert len(sample.idx) == negatives and sample.log_correction == pytest.approx(np.log(n_items / negatives))
+    else:
+        assert sample.idx.tolist() == list(range(1, n_items + 1)) and sample.log_correction == 0.0
+    got = hour_rows(version, rows, user_idx, hists, targets, hour * HOUR + 123, cfg)
+    want = reference_rows(version, rows, user_idx, hists, targets, sample.idx, sample.log_correction, cfg.steps, cfg.lr)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (np.abs(got - rows).max(axis=1) > 1e-3).all()
+
+
+def test_only_user_rows_move_and_the_positive_gains(version, settings):
     model = version.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     items_before = version.item_vectors.clone()
     rows = np.stack([version.model_row(1), version.model_row(2)])
-    attrs = version.attrs_of([1, 2])
-    hist = torch.zeros(2, version.history_len, dtype=torch.long)
+    rows_before = rows.copy()
+    hists = [np.array([4, 5], dtype=np.int32), np.array([], dtype=np.int32)]
     targets = [user_targets([3, 3, 7], [1.0, 1.0, 2.0]), user_targets([5], [1.0])]
-    new_rows, _ = update_rows(model, version.item_vectors, rows, attrs, hist, targets, steps=5, lr=0.05)
+    cfg = settings.replace("incremental", steps=5, lr=0.05).incremental
+    new_rows = hour_rows(version, rows, [1, 2], hists, targets, H0, cfg)
 
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
     assert torch.equal(version.item_vectors, items_before)
     assert all(not p.requires_grad for p in model.parameters())
+    assert np.array_equal(rows, rows_before)
     assert np.abs(new_rows - rows).max() > 1e-3
+
+    attrs, hist = version.attrs_of([1, 2]), history_tensor([[4, 5], []], version.history_len)
 
     def score(r, item):
         with torch.no_grad():
@@ -60,17 +124,16 @@ def test_only_user_rows_move_and_the_positive_gains(version):
     assert score(new_rows, 7)[0] > score(rows, 7)[0]
 
 
-def test_a_rows_result_does_not_depend_on_the_other_rows_in_its_chunk(version):
-    rng = np.random.default_rng(0)
-    rows = rng.normal(size=(4, version.id_dim)).astype(np.float32)
+def test_a_rows_result_does_not_depend_on_the_other_rows_in_its_chunk(version, settings):
+    rows, user_idx, hists, targets = hour_inputs(version, 4, seed=3)
+    rng = np.random.default_rng(1)
     other = rows.copy()
     other[1:] = rng.normal(size=(3, version.id_dim)).astype(np.float32)  # the state after a partial write
-    attrs = version.attrs_of([1, 2, 3, 4])
-    hist = torch.zeros(4, version.history_len, dtype=torch.long)
-    targets = [user_targets([i + 1], [1.0]) for i in range(4)]
-    a, _ = update_rows(version.model, version.item_vectors, rows, attrs, hist, targets, 5, 0.05)
-    b, _ = update_rows(version.model, version.item_vectors, other, attrs, hist, targets, 5, 0.05)
+    other_hists = hists[:1] + [rng.integers(1, 30, 7).astype(np.int32) for _ in range(3)]
+    a = hour_rows(version, rows, user_idx, hists, targets, H0, settings.incremental)
+    b = hour_rows(version, other, user_idx, other_hists, targets, H0, settings.incremental)
     assert np.array_equal(a[0], b[0])
+    assert not np.array_equal(a[1], b[1])
 
 
 def test_user_targets_merges_repeats_and_drops_unknown_items():
@@ -79,6 +142,39 @@ def test_user_targets_merges_repeats_and_drops_unknown_items():
     assert user_targets([0, 0], [1.0, 1.0]) is None
     assert user_targets([3], [0.0]) is None
     assert chunk_size(1000, 16_000_000) == 512 and chunk_size(10_000_000, 16_000_000) == 1
+
+
+def test_the_hours_negatives_are_windows_of_one_seeded_permutation(version):
+    arrays = version.update_arrays
+    n, c = arrays.n_items, 7  # 30 items
+    first = arrays.negatives(c, 1000)
+    again = RowUpdateArrays(version.model, version.item_vectors, version.user_attrs).negatives(c, 1000)  # a restart
+    assert np.array_equal(first.idx, again.idx) and np.array_equal(first.vectors, again.vectors)
+    assert np.array_equal(first.vectors, version.item_vectors.numpy()[first.idx])
+    # consecutive hours sweep the permutation: over n hours every item is a negative c times
+    counts = np.zeros(n + 1, dtype=int)
+    for hour in range(1000, 1000 + n):
+        sample = arrays.negatives(c, hour)
+        assert len(set(sample.idx.tolist())) == c and sample.idx.min() >= 1 and sample.idx.max() <= n
+        counts[sample.idx] += 1
+        col, among = sample.columns(np.arange(1, n + 1))
+        assert among.sum() == c and np.array_equal(sample.idx[col[among]], np.arange(1, n + 1)[among])
+    assert counts[0] == 0 and (counts[1:] == c).all()
+    assert not np.array_equal(arrays.negatives(c, 1001).idx, first.idx)
+    assert arrays.negatives(n, 5).log_correction == 0.0 and len(arrays.negatives(n + 9, 5).idx) == n
+
+
+def test_the_negatives_vectors_are_the_same_with_or_without_the_window_table(version, monkeypatch):
+    import streaming.update as update
+
+    with_table = version.update_arrays
+    with_table.negatives(7, 0)  # makes its table
+    monkeypatch.setattr(update, "WINDOW_TABLE_BYTES", 0)
+    gathered = RowUpdateArrays(version.model, version.item_vectors, version.user_attrs)
+    for hour in (0, 3, 4, 8):  # 30 items: hours 4 and 8 start at 28 and 26, wrapping around the end
+        a, b = with_table.negatives(7, hour), gathered.negatives(7, hour)
+        assert np.array_equal(a.idx, b.idx) and np.array_equal(a.vectors, b.vectors)
+    assert gathered._windows == {7: None} and with_table._windows[7] is not None
 
 
 def test_apply_hour_writes_rows_once_and_a_replay_changes_nothing(settings, redis_client, version):
@@ -91,9 +187,9 @@ def test_apply_hour_writes_rows_once_and_a_replay_changes_nothing(settings, redi
     row_key = rk.user_row(settings.redis.prefix, "v1", "u1")
     stored = redis_client.hgetall(row_key)
     assert int(stored[b"w"]) == H0 and int(stored[b"n"]) == 2
-    expected, _ = update_rows(version.model, version.item_vectors, np.stack([version.model_row(1), version.model_row(2)]),
-                              version.attrs_of([1, 2]), torch.zeros(2, version.history_len, dtype=torch.long),
-                              [user_targets([3, 4], [1, 1]), user_targets([9], [1])], settings.incremental.steps, settings.incremental.lr)
+    no_history = np.zeros(0, dtype=np.int32)
+    expected = hour_rows(version, np.stack([version.model_row(1), version.model_row(2)]), [1, 2], [no_history, no_history],
+                         [user_targets([3, 4], [1, 1]), user_targets([9], [1])], H0, settings.incremental)
     assert np.array_equal(decode_row(stored[b"e"]), expected[0])
     u3 = redis_client.hgetall(rk.user_row(settings.redis.prefix, "v1", "u3"))
     assert int(u3[b"w"]) == -1 and np.array_equal(decode_row(u3[b"e"]), version.model_row(3))  # untouched
@@ -138,9 +234,8 @@ def test_cold_start_user_is_admitted_after_enough_events_from_the_oov_row(settin
     assert (r2.users_updated, r2.new_users, r2.rows_written) == (1, 1, 1)
     stored = redis_client.hgetall(new_row)
     assert int(stored[b"w"]) == H0 + HOUR and int(stored[b"n"]) == 1
-    hist = torch.tensor([[2, 3] + [0] * (version.history_len - 2)])
-    expected, _ = update_rows(version.model, version.item_vectors, version.model_row(0)[None, :], version.attrs_of([0]), hist,
-                              [user_targets([4], [1.0])], s.incremental.steps, s.incremental.lr)
+    expected = hour_rows(version, version.model_row(0)[None, :], [0], [np.array([2, 3], dtype=np.int32)],
+                         [user_targets([4], [1.0])], H0 + HOUR, s.incremental)
     assert np.array_equal(decode_row(stored[b"e"]), expected[0])
     # a replay of that hour still reports the admission (counts are functions of the content)
     again = apply_hour(state, version, H0 + HOUR, buffered([ev(3, "newbie", "i4", H0 + HOUR + 1)]), s.incremental)
@@ -162,20 +257,26 @@ def test_history_trim_keeps_the_newest_and_the_retention_margin(settings, redis_
     assert "e1\ti3" in kept
 
 
-def test_adagrad_step_is_torch_adagrad_exactly():
+def test_adagrad_step_is_torch_adagrad():
+    """Exactly on the first step; afterwards up to a rounding (torch fuses the accumulator's
+    multiply-add)."""
     from streaming.update import adagrad_step
 
     gen = torch.Generator().manual_seed(3)
     start = torch.randn(5, 8, generator=gen)
     grads = [torch.randn(5, 8, generator=gen) for _ in range(4)]
-    mine, acc = start.clone(), torch.zeros(5, 8)
+    mine, acc = start.numpy().copy(), None
     ref = start.clone().requires_grad_(True)
     opt = torch.optim.Adagrad([ref], lr=0.05)
-    for g in grads:
-        adagrad_step(mine, g, acc, 0.05)
+    for step, g in enumerate(grads):
+        mine, acc = adagrad_step(mine, g.numpy(), acc, 0.05)
         ref.grad = g.clone()
         opt.step()
-    assert torch.equal(mine, ref.detach())
+        if step == 0:
+            assert np.array_equal(mine, ref.detach().numpy())
+        np.testing.assert_allclose(mine, ref.detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(acc, opt.state[ref]["sum"].numpy(), rtol=1e-6)
+    assert not np.array_equal(mine, start.numpy())
 
 
 def snapshot(redis_client, prefix: str) -> dict:

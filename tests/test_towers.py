@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
 from models.features import history_tensor, padded_lists
-from models.towers import TwoTower, corpus_item_vectors, load_model, model_config_dict, recency_weights
+from models.towers import TwoTower, UserTowerArrays, corpus_item_vectors, load_model, model_config_dict, recency_weights
 from twotower.config import ModelConfig
 
 N_USERS, N_ITEMS, N_ATTRS, L = 7, 11, 5, 6
@@ -130,20 +132,32 @@ def test_padded_lists_keep_the_most_recent_entries_left_aligned():
     assert out.tolist() == [[3, 4, 5], [0, 0, 0], [0, 0, 0], [9, 0, 0]]
 
 
-def test_the_written_out_row_gradient_equals_autograd():
-    """The hourly update's hand-written backward (user_row_map_with_grad) against autograd
-    through the same frozen user tower."""
-    torch.manual_seed(0)
-    model = TwoTower(ModelConfig(dim=16, id_dim=8, hidden=32), n_users=5, n_items=7, n_attrs=4, history_len=6).eval()
-    attrs = torch.tensor([[1, 2], [3, 0], [0, 0]])
-    hist = torch.tensor([[1, 2, 3, 0, 0, 0], [4, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
-    rows = torch.randn(3, 8)
-    g = torch.randn(3, 16)
-    context = model.user_context(attrs, hist).detach()
-    u, vjp = model.user_row_map_with_grad(context)(rows)
+@pytest.mark.parametrize("arch,pooling", [("youtubednn", "mean"), ("youtubednn", "decay"), ("youtubednn", "mean+decay"), ("dssm", "mean")])
+def test_the_numpy_user_tower_equals_the_torch_tower_and_autograd(arch, pooling):
+    """UserTowerArrays (the hourly update's tower): its context against user_context, alone
+    (one history) and as a batch (a matrix), and its forward and written-out row gradient
+    against user_vectors_from_context and autograd."""
+    model = make(arch, pooling)
+    with torch.no_grad():  # padding rows that are not zero: pooling must skip them, not add them in
+        model.item_id_embedding.weight[0] = 3.0
+        model.attr_embedding.weight[0] = 3.0
+    attrs = torch.tensor([[1, 2, 0], [3, 0, 0], [0, 0, 0], [4, 5, 1]])
+    # oldest first; 0 = an unknown item that still holds its slot; the third is longer than L
+    hists = [np.array([3, 4, 5]), np.array([], dtype=np.int32), np.array([11, 10, 9, 0, 8, 7, 6, 5, 4]), np.array([0, 1])]
+    context = model.user_context(attrs, history_tensor([h.tolist() for h in hists], L)).detach()
+    tower = UserTowerArrays(model)
+    got = tower.context(attrs.numpy(), hists)
+    np.testing.assert_allclose(got, context.numpy(), atol=1e-6)
+    for b in range(len(hists)):
+        np.testing.assert_allclose(tower.context(attrs[b : b + 1].numpy(), hists[b : b + 1]), context[b : b + 1].numpy(), atol=1e-6)
+
+    torch.manual_seed(1)
+    rows, g = torch.randn(4, 6), torch.randn(4, 8)
     r = rows.clone().requires_grad_(True)
-    ref = model.user_vectors_from_context(r, context)
+    ref = model.user_vectors_from_context(r, context) * 20.0
     (ref_grad,) = torch.autograd.grad(ref, r, grad_outputs=g)
-    assert torch.allclose(u, ref.detach(), atol=1e-6)
-    assert torch.allclose(vjp(g), ref_grad, atol=1e-6)
-    assert not torch.equal(ref_grad, torch.zeros_like(ref_grad))
+    fwd = tower.row_forward(rows.numpy(), tower.hidden_context(got), scale=20.0)
+    np.testing.assert_allclose(fwd.v, ref.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(tower.row_backward(g.numpy(), fwd), ref_grad.numpy(), atol=1e-5)
+    assert np.abs(ref_grad.numpy()).max() > 1e-2
+    assert model.item_id_embedding.weight[0, 0] == 3.0  # the tower's arrays are copies
