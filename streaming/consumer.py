@@ -98,6 +98,9 @@ PROGRESS_EVERY_S = 30.0
 VERSION_CHECK_EVERY_S = 2.0
 MAX_HOURS_PER_BATCH = 168
 """Closed hours handed to the applier at once; positions are stored after each batch."""
+MAX_RECORDS_AHEAD = 200_000
+"""Records the reading thread may read while the applier is still on a batch, before it waits
+(the buffered events of open hours are the consumer's memory: about 0.3 KB each)."""
 
 
 def iso(ms: int | None) -> str:
@@ -188,6 +191,7 @@ class IncrementalConsumer:
         self._inflight: Future | None = None
         self._inflight_positions: dict[int, Checkpoint] = {}
         self._first_record_at: float | None = None
+        self._read_at_submit = 0
 
     # --- partitions -----------------------------------------------------------------------
 
@@ -397,6 +401,7 @@ class IncrementalConsumer:
         if self._applier is None:
             self._applier = make_applier(self.s, self.state, self.version.version if self.version else None)
         self._inflight = self._applier.submit(self.version, hours)
+        self._read_at_submit = self.report.records_read
 
     def _drain_closable(self) -> None:
         """Apply every closable hour now, batch after batch (the end of a bounded run)."""
@@ -592,8 +597,12 @@ class IncrementalConsumer:
                 self.state.save_dlq_marks({p: o for p, o in self.dlq_next.items() if p in self.trackers})
                 self._dlq_pending = False
             if self.trackers:
-                self._collect()
-                self._submit_closable()
+                # the applier works while this thread reads on; it is only waited for when it is
+                # done, or when this thread has read a backlog's worth ahead of it (memory)
+                inflight = self._inflight
+                if inflight is None or inflight.done() or self.report.records_read - self._read_at_submit > MAX_RECORDS_AHEAD:
+                    self._collect()
+                    self._submit_closable()
                 if self.mode == CONTINUOUS and time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_interval_s:
                     self._checkpoint()
                 self._progress()
