@@ -35,6 +35,8 @@ from twotower.contracts import ARTIFACT_FILES
 
 ARCHS = ("youtubednn", "dssm")
 POOLINGS = ("mean", "decay", "mean+decay")
+POOL_ONE_BY_ONE = 4
+"""Up to this many histories are pooled one at a time (fewer array ops than the matrix)."""
 
 
 def pooled_embeddings(table: nn.Embedding, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,6 +188,8 @@ class UserTowerArrays:
         self.item_table = _padded_table(model.item_id_embedding) if model.use_history else None
         self.history_len = int(model.history_len)
         self.decay_by_rank, self.decay_total = self._decay_tables(self.history_len)
+        self.decay_oldest_first = _frozen(torch.from_numpy(self.decay_by_rank[: self.history_len][::-1].copy()))
+        """The weights of ranks L - 1 .. 0: a window of n real items (oldest first) takes the last n."""
         self.w_row = _frozen(first.weight[:, :e])  # [hidden, e]
         self.w_row_t = _frozen(first.weight[:, :e].T)  # [e, hidden]
         self.w_context_t = _frozen(first.weight[:, e:].T)  # [c, hidden]
@@ -221,10 +225,12 @@ class UserTowerArrays:
         entries (item_idx ints, oldest first; 0 = an item the version does not know, skipped
         but holding its slot, as in the 0-padded ``hist[B, L]`` of the torch tower): float32
         [B, e], or [B, 2e] for ``mean+decay``. A single history is pooled on its own (half the
-        array ops: most hours have one user), more as one [B, L] matrix."""
-        if len(hists) == 1:
-            h = hists[0]
-            return self._pool_one(h[len(h) - min(len(h), self.history_len) :])[None, :]
+        array ops: most hours have one or two users), up to ``POOL_ONE_BY_ONE`` one by one, more
+        as one [B, L] matrix."""
+        if len(hists) <= POOL_ONE_BY_ONE:
+            width = self.history_len
+            pooled = [self._pool_one(h[len(h) - min(len(h), width) :]) for h in hists]
+            return pooled[0][None, :] if len(pooled) == 1 else np.stack(pooled)
         return self._pool_matrix(history_matrix(hists, self.history_len))
 
     def _pool_one(self, window: np.ndarray) -> np.ndarray:
@@ -237,7 +243,7 @@ class UserTowerArrays:
             parts.append(emb.sum(axis=0) / np.float32(max(n, 1)))
         if self.pooling in ("decay", "mean+decay"):
             # oldest first: the ranks run n - 1 .. 0
-            parts.append(np.dot(self.decay_by_rank[:n][::-1], emb) / self.decay_total[n])
+            parts.append(np.dot(self.decay_oldest_first[self.history_len - n :], emb) / self.decay_total[n])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _pool_matrix(self, hist: np.ndarray) -> np.ndarray:

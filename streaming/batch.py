@@ -1,5 +1,5 @@
-"""Apply a batch of closed hours with one Redis read and two write round trips, instead of a read
-and writes per hour (DESIGN §5 steps 2-4, for a backlog).
+"""Apply a batch of closed hours with one Redis read and a few write round trips, instead of a
+read and writes per hour (DESIGN §5 steps 2-4, for a backlog).
 
 A backlog (a bounded run after an hour or more, a restart, a burst) closes many hours at once,
 and per hour the round trips and script calls cost more than the update itself. The hours still
@@ -12,10 +12,11 @@ so what it leaves is predicted (hour.written_entry, the rule the user cache alre
   2. Compute the hours in order, each from the predicted state the hours before it leave, with
      the same plans and compute batches as one hour at a time (streaming.hour), so the rows are
      bitwise the same as there.
-  3. Write everything in order, in two pipelined round trips (the ``mid_rows`` crash point
-     between them). A user's second and later writes carry a guard (state.Guard): the row's ``w``
-     the computation assumed, and that the user's previous write added exactly its events to the
-     history with nothing else there since. Scripts are atomic per user and run in order, so a
+  3. Write everything in order, in chunks sent from a helper thread while the later hours are
+     computed (WriteBehind; the ``mid_rows`` crash point after the first chunk). A user's second
+     and later writes carry a guard (state.Guard): the row's ``w`` the computation assumed, and
+     that the user's previous write added exactly its events to the history with nothing else
+     there since. Scripts are atomic per user and run in order, so a
      prediction that did not come true (an event id already in the history from long ago, another
      writer) stops that user's writes at the first one computed from it.
   4. After a conflict, the hours from the first conflicted one on are applied again one at a time
@@ -32,12 +33,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from streaming.faults import crash_point
 from streaming.hour import HourResult, apply_hour, compute_rows, hour_writes, plan_users, written_entry
-from streaming.state import NO_GUARD, Guard, StreamState, UserWrite
+from streaming.state import NO_GUARD, Guard, StreamState, UserWrite, WriteOutcome
 from streaming.user_cache import CachedUser, UserCache
 from streaming.version import LoadedVersion
 from streaming.windows import Buffered, events_by_user
@@ -101,38 +103,36 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
             current[uid] = CachedUser(row, np.array([index.get(i, 0) for i in hists[uid]], dtype=np.int32))
     read_s = time.perf_counter() - t0
 
-    # 2. the hours in order, each from what the ones before it leave
+    # 2. the hours in order, each from what the ones before it leave; 3. their writes, in order,
+    # each guarded by the prediction it was computed from, sent while the next hours compute
     results: list[HourResult] = []
     pending: list[tuple[int, UserWrite, Guard, bool]] = []  # hour, write, guard, row planned
     last_write: dict[str, tuple[int, int]] = {}  # user -> (hour, events) of their latest write so far
-    for hour, by_user, partition_of in grouped:
-        t_hour = time.perf_counter()
-        rows_before = {u: current[u].row for u in by_user if current[u].row is not None}
-        hists_before = {u: current[u].hist for u in by_user}
-        plans = plan_users(hour, by_user, rows_before, hists_before, version, cfg.min_events_new_user)
-        new_rows = compute_rows(version, plans, hists_before, cfg)
-        result, writes, added = hour_writes(hour, plans, new_rows, partition_of, version.item_index)
-        for plan, write, items in zip(plans, writes, added):
-            uid = plan.user_id
-            before = current[uid]
-            prev = last_write.get(uid)
-            guard = NO_GUARD if prev is None else Guard(_stored_w(before), str(prev[0]), prev[1])
-            pending.append((hour, write, guard, write.row is not None))
-            current[uid] = written_entry(plan, write, items, before.row, before.hist, hour, L)
-            last_write[uid] = (hour, len(write.history))
-        result.compute_s = time.perf_counter() - t_hour
-        result.seconds = result.compute_s
-        results.append(result)
-
-    # 3. every write in order, guarded by the prediction it was computed from
-    t_write = time.perf_counter()
-    retention_ms = cfg.history_retention_s * 1000
-    triples = [(hour, write, guard) for hour, write, guard, _ in pending]
-    half = len(triples) // 2
-    outcomes = state.apply_writes(version.version, triples[:half], L, retention_ms) if half else []
-    if half:
-        crash_point("mid_rows")
-    outcomes += state.apply_writes(version.version, triples[half:], L, retention_ms)
+    writer = WriteBehind(state, version.version, L, cfg.history_retention_s * 1000)
+    try:
+        for hour, by_user, partition_of in grouped:
+            t_hour = time.perf_counter()
+            rows_before = {u: current[u].row for u in by_user if current[u].row is not None}
+            hists_before = {u: current[u].hist for u in by_user}
+            plans = plan_users(hour, by_user, rows_before, hists_before, version, cfg.min_events_new_user)
+            new_rows = compute_rows(version, plans, hists_before, cfg)
+            result, writes, added = hour_writes(hour, plans, new_rows, partition_of)
+            for plan, write, items in zip(plans, writes, added):
+                uid = plan.user_id
+                before = current[uid]
+                prev = last_write.get(uid)
+                guard = NO_GUARD if prev is None else Guard(_stored_w(before), str(prev[0]), prev[1])
+                pending.append((hour, write, guard, write.row is not None))
+                current[uid] = written_entry(plan, write, items, before.row, before.hist, hour, L)
+                last_write[uid] = (hour, len(write.history))
+            writer.offer([(hour, write, guard) for hour, write, guard, _ in pending[writer.handed :]])
+            result.compute_s = time.perf_counter() - t_hour
+            result.seconds = result.compute_s
+            results.append(result)
+        t_write = time.perf_counter()
+        outcomes = writer.finish([(hour, write, guard) for hour, write, guard, _ in pending[writer.handed :]])
+    finally:
+        writer.close()
     position = {hour: i for i, (hour, _) in enumerate(hours)}
     conflict_at: int | None = None
     vouched: dict[str, bool] = {}
@@ -143,7 +143,7 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
         results[position[hour]].rows_written += int(out.applied)
         vouched[write.user_id] = out.exact and out.applied == planned
     results[0].read_s = read_s
-    results[-1].write_s = time.perf_counter() - t_write
+    results[-1].write_s = time.perf_counter() - t_write  # what the writes took beyond the computation
 
     # 4. a prediction that did not hold: redo from the first hour it touched, from Redis
     if conflict_at is not None:
@@ -166,6 +166,63 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
             else:
                 cache.drop(uid)
     return results
+
+
+class WriteBehind:
+    """A batch's writes, sent in order from one helper thread while the hours after them are
+    computed: the Redis server's script work (most of a write's cost) overlaps the update's
+    arithmetic instead of following it. Whenever the thread is free, the waiting writes are sent
+    in a multiple of ``MIN_CHUNK`` (a slow Redis gets fewer, larger chunks; chunk ends fall
+    anywhere in an hour). Order is what the
+    guards need: one thread, one chunk after the other. A batch too small to have sent anything
+    before its end is sent in two halves, so the ``mid_rows`` crash point (after the first
+    chunk) always finds part of the writes done and the rest not. After a failed chunk nothing
+    more is sent, and the error is raised from ``finish``."""
+
+    MIN_CHUNK = 64
+
+    def __init__(self, state: StreamState, version: str, history_len: int, retention_ms: int):
+        self._args = (state, version, history_len, retention_ms)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writes")
+        self._chunks: list[Future] = []
+        self._failed = False
+        self.handed = 0
+        """How many of the batch's writes (in order) were handed over so far."""
+
+    def offer(self, waiting: list[tuple[int, UserWrite, Guard]]) -> None:
+        """``waiting``: the writes not handed over yet; sent now when the thread is free."""
+        if len(waiting) >= self.MIN_CHUNK and (not self._chunks or self._chunks[-1].done()):
+            self._send(waiting[: len(waiting) - len(waiting) % self.MIN_CHUNK])  # whole chunks; the rest waits
+
+    def finish(self, waiting: list[tuple[int, UserWrite, Guard]]) -> list[WriteOutcome]:
+        """Send the rest and wait for everything: one WriteOutcome per write, in order."""
+        if not self._chunks and len(waiting) > 1:
+            half = len(waiting) // 2
+            self._send(waiting[:half])
+            waiting = waiting[half:]
+        if waiting:
+            self._send(waiting)
+        return [out for chunk in self._chunks for out in chunk.result()]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _send(self, writes: list[tuple[int, UserWrite, Guard]]) -> None:
+        self.handed += len(writes)
+        self._chunks.append(self._pool.submit(self._write, writes, len(self._chunks) == 0))
+
+    def _write(self, writes: list[tuple[int, UserWrite, Guard]], first: bool) -> list[WriteOutcome]:
+        if self._failed:
+            raise RuntimeError("an earlier chunk of this batch's writes failed")
+        state, version, history_len, retention_ms = self._args
+        try:
+            outcomes = state.apply_writes(version, writes, history_len, retention_ms)
+        except BaseException:
+            self._failed = True
+            raise
+        if first:
+            crash_point("mid_rows")
+        return outcomes
 
 
 def _stored_w(entry: CachedUser) -> str:

@@ -178,6 +178,7 @@ def make_consumer(cfg: KafkaConfig, *topics: str, wait_s: float = CONNECT_WAIT_S
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": max(100, cfg.session_timeout_ms // 3),
         "bootstrap_timeout_ms": BOOTSTRAP_TRY_MS,
+        "max_partition_fetch_bytes": cfg.max_partition_fetch_bytes,
         **common_options(cfg),
         **overrides,
     }

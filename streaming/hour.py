@@ -36,7 +36,7 @@ from streaming.user_cache import CachedUser, UserCache, next_history
 from streaming.update import UserTargets, hour_rows, user_targets
 from streaming.version import LoadedVersion
 from streaming.windows import Buffered, events_by_user, window_start
-from twotower import redis_keys as rk
+from twotower.redis_keys import HIST_SEP
 from twotower.config import IncrementalConfig
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,13 @@ UPDATE, REPLAYED, HISTORY_ONLY = "update", "replayed", "history_only"
 NO_HISTORY = np.zeros(0, dtype=np.int32)
 
 
-@dataclass
+@dataclass(slots=True)
 class UserPlan:
     """What the hour does for one user."""
 
     user_id: str
     events: list[Event]
+    """In (ts, event_id, item_id) order (streaming.windows.events_by_user), the history's order."""
     kind: str
     targets: UserTargets | None = None
     start_row: np.ndarray | None = None
@@ -58,6 +59,8 @@ class UserPlan:
     new_user: bool = False
     n_known: int = 0
     """Events on items the version knows (what the row absorbs)."""
+    item_idx: list[int] = field(default_factory=list)
+    """Each event's item_idx (0: unknown to the version), in ``events`` order."""
 
 
 @dataclass
@@ -93,13 +96,13 @@ def plan_users(
     """Classify each touched user (see module docstring). Pure given its inputs; ``hists`` holds
     each user's history before the hour (only its length matters here)."""
     plans = []
+    item_of, user_of = version.item_index.get, version.user_index.get
     for uid, events in by_user.items():
-        idx = [version.item_index.get(e.item_id, 0) for e in events]
+        idx = [item_of(e.item_id, 0) for e in events]
         targets = user_targets(idx, [e.weight for e in events])
-        n_known = sum(1 for i in idx if i > 0)
         stored = rows.get(uid)
-        user_idx = version.user_index.get(uid, 0)
-        plan = UserPlan(uid, events, HISTORY_ONLY, targets, None, user_idx, False, n_known)
+        user_idx = user_of(uid, 0)
+        plan = UserPlan(uid, events, HISTORY_ONLY, targets, None, user_idx, False, len(idx) - idx.count(0), idx)
         if targets is None:
             plans.append(plan)
             continue
@@ -164,12 +167,10 @@ def read_state(
     return rows, hists
 
 
-def history_write(events: list[Event], item_index: Mapping[str, int]) -> tuple[list[tuple[int, str]], list[int]]:
-    """(ts, member) of a user's events in the history zset's order (ts, then member; an id never
-    holds a control character, so member order is (event_id, item_id) order), and their item_idx
-    in that order (0: unknown to the version)."""
-    ordered = events if len(events) == 1 else sorted(events, key=lambda e: (e.ts, e.event_id, e.item_id))
-    return [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in ordered], [item_index.get(e.item_id, 0) for e in ordered]
+def history_write(events: list[Event]) -> list[tuple[int, str]]:
+    """(ts, member) of a user's events, in the order given: the history zset's order when the
+    events come from streaming.windows.events_by_user."""
+    return [(e.ts, f"{e.event_id}{HIST_SEP}{e.item_id}") for e in events]  # rk.history_member, inlined: once per event
 
 
 def written_entry(
@@ -201,31 +202,34 @@ def remember(
 
 
 def hour_writes(
-    hour_ms: int, plans: list[UserPlan], new_rows: dict[str, np.ndarray], partition_of: dict[str, int], item_index: Mapping[str, int]
+    hour_ms: int, plans: list[UserPlan], new_rows: dict[str, np.ndarray], partition_of: dict[str, int]
 ) -> tuple[HourResult, list[UserWrite], list[list[int]]]:
     """The hour's counters (functions of its content), one UserWrite per planned user (the row
     only for UPDATE) and the item_idx of each write's history events in zset order."""
     result = HourResult(hour_ms, sum(len(p.events) for p in plans))
     writes: list[UserWrite] = []
     added: list[list[int]] = []
+    counts: dict[int, list[int]] = {}  # partition -> [users, events, unknown, new]
     for plan in plans:
-        counts = result.per_partition.setdefault(partition_of[plan.user_id], {"users": 0, "events": 0, "unknown": 0, "new": 0})
-        unknown = len(plan.events) - plan.n_known
-        counts["unknown"] += unknown
-        result.unknown_items += unknown
-        if plan.kind in (UPDATE, REPLAYED):
-            counts["users"] += 1
-            counts["events"] += plan.n_known
-            counts["new"] += int(plan.new_user)
-            result.users_updated += 1
-            result.events_applied += plan.n_known
-            result.new_users += int(plan.new_user)
-        else:
+        c = counts.get(partition_of[plan.user_id])
+        if c is None:
+            c = counts[partition_of[plan.user_id]] = [0, 0, 0, 0]
+        c[2] += len(plan.events) - plan.n_known
+        if plan.kind == HISTORY_ONLY:
             result.history_only += 1
+        else:  # UPDATE or REPLAYED
+            c[0] += 1
+            c[1] += plan.n_known
+            c[3] += plan.new_user
         row = new_rows[plan.user_id] if plan.kind == UPDATE else None
-        history, items = history_write(plan.events, item_index)
-        writes.append(UserWrite(plan.user_id, row, plan.n_known, history))
-        added.append(items)
+        writes.append(UserWrite(plan.user_id, row, plan.n_known, history_write(plan.events)))
+        added.append(plan.item_idx)
+    for p, (users, events, unknown, new) in counts.items():
+        result.per_partition[p] = {"users": users, "events": events, "unknown": unknown, "new": new}
+        result.users_updated += users
+        result.events_applied += events
+        result.unknown_items += unknown
+        result.new_users += new
     return result, writes, added
 
 
@@ -259,7 +263,7 @@ def _apply_hour(
     new_rows = compute_rows(version, plans, hists, cfg)
     t2 = time.perf_counter()
 
-    result, writes, added = hour_writes(hour_ms, plans, new_rows, partition_of, version.item_index)
+    result, writes, added = hour_writes(hour_ms, plans, new_rows, partition_of)
     result.read_s, result.compute_s = t1 - t0, t2 - t1
     retention_ms = cfg.history_retention_s * 1000
     half = len(writes) // 2

@@ -205,9 +205,13 @@ class RowUpdateArrays:
         """The users' tower context (pooled attributes ⊕ pooled history), float32 [B, c]:
         vocabulary index ``user_idx`` (0, or beyond the table: no attributes) and histories
         (item_idx, oldest first; the newest ``history_len`` of the model count)."""
-        idx = np.asarray(user_idx, dtype=np.int64)
-        idx[idx >= len(self.user_attr_context)] = 0
-        attrs = self.user_attr_context[idx]
+        if len(user_idx) == 1:  # most hours: a view of the table's row, no gather
+            i = user_idx[0]
+            attrs = self.user_attr_context[i if 0 <= i < len(self.user_attr_context) else 0][None, :]
+        else:
+            idx = np.asarray(user_idx, dtype=np.int64)
+            idx[idx >= len(self.user_attr_context)] = 0
+            attrs = self.user_attr_context[idx]
         if not self.tower.use_history:
             return attrs
         return np.concatenate([attrs, self.tower.history_context(hists)], axis=1)
@@ -241,6 +245,10 @@ def update_rows(
     UserTargets per row. The softmax of user b runs over [its P positives | the negatives that
     are not among them]; with the full corpus as negatives that is every item exactly once. The
     batch is processed as given (callers chunk it).
+
+    An hour is ~80 numpy calls of a microsecond or two each, so their count is the cost. The
+    softmax gradient stays (p - w) . V and not E_p[v] - w . V (one call fewer): the latter
+    cancels when p is close to w and loses digits that Adagrad's first step amplifies.
     """
     if len(targets) != len(rows):
         raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
@@ -249,6 +257,7 @@ def update_rows(
     n_pos = items.shape[1]
     pos_v = arrays.item_vectors[items]  # [B, P, d]; padded slots gather row 0 with weight 0
     neg_v = negatives.vectors  # [C, d]
+    neg_vt = neg_v.T  # [d, C], a view: BLAS reads it transposed
     bias = logit_bias(negatives, items, item_w)  # [B, P + C]
     # softmax is shift-invariant; the usual max shift only keeps exp in float32's range, which
     # |logit| <= max |v| / tau + correction <= 60 already does (tau 0.05: 20 + log(N / C))
@@ -258,17 +267,17 @@ def update_rows(
     state_sum = None
     for _ in range(steps):
         fwd = tower.row_forward(row, hidden_context, scale=inv_tau)  # fwd.v = u / tau
-        s = np.empty_like(bias)  # logits of [positives | negatives], each part written in place
+        s = bias.work  # logits of [positives | negatives], each part written in place
+        np.matmul(fwd.v, neg_vt, out=s[:, n_pos:])
         np.matmul(pos_v, fwd.v[:, :, None], out=s[:, :n_pos, None])
-        np.matmul(fwd.v, neg_v.T, out=s[:, n_pos:])
-        s += bias
+        s += bias.values
         if shift:
             s -= s.max(axis=1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=1, keepdims=True)  # the softmax p over [positives | negatives]
         s[:, :n_pos] -= item_w  # dL/ds = p - w on the positives, p on the negatives
         grad_v = np.matmul(s[:, None, :n_pos], pos_v)[:, 0]  # dL/d(u / tau)
-        grad_v += s[:, n_pos:] @ neg_v
+        grad_v += np.dot(s[:, n_pos:], neg_v)
         row, state_sum = adagrad_step(row, tower.row_backward(grad_v, fwd), state_sum, lr)
     return row if steps > 0 else row.copy()
 
@@ -290,22 +299,33 @@ def padded_targets(targets: list[UserTargets]) -> tuple[np.ndarray, np.ndarray]:
     return items, weights
 
 
-def logit_bias(negatives: Negatives, items: np.ndarray, item_w: np.ndarray) -> np.ndarray:
+class LogitBias(NamedTuple):
+    """``values``: what is added to the logits [B, P + C] of [positives | negatives]; ``work``:
+    an uninitialised array of that shape for the logits themselves (one allocation per hour)."""
+
+    values: np.ndarray
+    work: np.ndarray
+
+
+def logit_bias(negatives: Negatives, items: np.ndarray, item_w: np.ndarray) -> LogitBias:
     """What is added to the logits [B, P + C] of [positives | negatives]: -inf on padded
     positive slots and where a negative is one of the user's own positives (it is counted
     once, as a positive), the sample's log correction on the other negatives."""
     n_pos = items.shape[1]
-    bias = np.full((len(items), n_pos + len(negatives.idx)), negatives.log_correction, dtype=np.float32)
+    bias = np.empty((len(items), n_pos + len(negatives.idx)), dtype=np.float32)
     bias[:, :n_pos] = 0.0
+    bias[:, n_pos:] = negatives.log_correction
     col, hit = negatives.columns(items)
     padded = item_w <= 0  # slots of users with fewer positives than the chunk's widest
     if padded.any():
         bias[:, :n_pos][padded] = -np.inf
         hit &= ~padded
-    b, p = np.nonzero(hit)
-    col += n_pos
-    bias[b, col[b, p]] = -np.inf
-    return bias
+    if len(items) == 1:
+        bias[0, col[0][hit[0]] + n_pos] = -np.inf
+    else:
+        b, p = np.nonzero(hit)
+        bias[b, col[b, p] + n_pos] = -np.inf
+    return LogitBias(bias, np.empty_like(bias))
 
 
 def adagrad_step(

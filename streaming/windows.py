@@ -220,17 +220,19 @@ def next_closable(trackers: list[PartitionTracker], lateness_ms: int, idle: set[
     return oldest
 
 
-_EVENT_ORDER = itemgetter(4, 2, 0)
-"""An Event's sort key in an hour: (ts, item_id, event_id), by position."""
+_EVENT_ORDER = itemgetter(4, 0, 2)
+"""An Event's sort key in an hour: (ts, event_id, item_id), by position: the order of the history
+zset the events go to (score ts, then member "event_id<TAB>item_id"; ids hold no control
+character), so the writer needs no second sort."""
 assert Event._fields[4] == "ts" and Event._fields[2] == "item_id" and Event._fields[0] == "event_id"
 
 
 def events_by_user(buffered: list[Buffered]) -> dict[str, list[Event]]:
     """One hour's events grouped by user, each user's list deduplicated by event_id and ordered by
-    (ts, item_id, event_id); users in sorted order. The same event read twice counts once (the
-    first in that order when two differ)."""
-    # one stable sort of the events with a C-level key (Event fields 4, 2, 0 = ts, item_id,
-    # event_id) instead of a Python lambda per event: the same order, ~20% cheaper per hour
+    (ts, event_id, item_id); users in sorted order. The same event read twice counts once (the
+    first in that order when two differ: the earliest ts, then the smallest item_id)."""
+    # one stable sort of the events with a C-level key (Event fields 4, 0, 2 = ts, event_id,
+    # item_id) instead of a Python lambda per event, ~20% cheaper per hour
     events = sorted([b.event for b in buffered], key=_EVENT_ORDER)
     seen: set[str] = set()
     by_user: dict[str, list[Event]] = {}

@@ -199,14 +199,14 @@ def test_events_by_user_dedups_and_orders():
 @hsettings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(0, 3), st.sampled_from("abc")), max_size=60))
 def test_events_by_user_is_the_sorted_deduplicated_grouping(rows):
-    """Against the definition: stable sort by (ts, item_id, event_id), first of each event_id kept
+    """Against the definition: stable sort by (ts, event_id, item_id), first of each event_id kept
     (ids repeat with different content here, and ts and items tie often), grouped by user, users sorted."""
     from streaming.windows import Buffered
 
     buffered = [Buffered(0, i, Event(f"e{n}", f"u{u}", item, "click", H0 + m * MIN), NO_TS, 0, 0) for i, (n, u, m, item) in enumerate(rows)]
     seen: set[str] = set()
     expected: dict[str, list[Event]] = {}
-    for b in sorted(buffered, key=lambda b: (b.event.ts, b.event.item_id, b.event.event_id)):
+    for b in sorted(buffered, key=lambda b: (b.event.ts, b.event.event_id, b.event.item_id)):
         if b.event.event_id not in seen:
             seen.add(b.event.event_id)
             expected.setdefault(b.event.user_id, []).append(b.event)

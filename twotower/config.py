@@ -245,6 +245,11 @@ class KafkaConfig:
     """Timeout of one Kafka request (metadata, fetch, produce, commit)."""
     archiver_group_id: str = "tt-archiver"
     """Consumer group of the archiver (lands the topic as raw Parquet)."""
+    max_partition_fetch_bytes: int = 256 * 1024
+    """Most bytes one fetch takes from one partition (kafka-python's default is 1 MiB). Smaller
+    keeps the partitions of a backlog in step in event time: an hour closes only when every
+    partition has passed it, so reading one partition far ahead of the others only buffers
+    events (memory) and delays the first applied hours."""
 
 
 @dataclass(frozen=True)
