@@ -543,11 +543,15 @@ class IncrementalConsumer:
 
     def run(self, max_seconds: float | None = None) -> ConsumerReport:
         import torch
+        from threadpoolctl import threadpool_limits
 
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, self.cfg.threads))
         try:
-            return self._run(max_seconds)
+            # numpy's BLAS would start a thread per core for each of an hour's small products,
+            # which then compete with the reading thread and Redis (measured: 13% fewer events/s)
+            with threadpool_limits(limits=max(1, self.cfg.threads), user_api="blas"):
+                return self._run(max_seconds)
         finally:
             if self._applier is not None:
                 self._applier.close()
