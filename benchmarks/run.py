@@ -85,6 +85,15 @@ def render_all(results: dict[str, dict], failures: dict[str, str], seconds: dict
     return "\n".join(lines) + "\n"
 
 
+def earlier_results() -> dict[str, dict]:
+    """The results in benchmarks/results.json, so that ``--only`` re-measures some benchmarks
+    without dropping the sections of the others (each keeps the date it was measured on)."""
+    try:
+        return json.loads((HERE / "results.json").read_text()).get("results", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def run_one(name: str) -> tuple[dict | None, str | None, float]:
     out = OUT / f"{name}.json"
     out.unlink(missing_ok=True)
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}
+    previous = earlier_results()
     for name in names:
         path = OUT / f"{name}.json"
         if name in chosen and not args.render_only:
@@ -123,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = result
         elif path.exists():  # measured by an earlier run of this command: kept, with its own date
             results[name] = json.loads(path.read_text())
+        elif name in previous:  # measured on an earlier day (benchmarks/results.json): kept, with its date
+            results[name] = previous[name]
     (HERE / "RESULTS.md").write_text(render_all(results, failures, seconds))
     combined = {"written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "results": results, "not_measured": failures}
     (HERE / "results.json").write_text(json.dumps(combined, indent=2, sort_keys=True, default=str) + "\n")

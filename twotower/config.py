@@ -258,10 +258,11 @@ class IncrementalConfig:
     """An event-time hour closes when the watermark passes its end plus this."""
     steps: int = 2
     """Optimiser steps per closed hour on the touched user-ID rows. 2 steps at lr 0.002 was the
-    setting under which hourly updates never lost to live histories alone, on every replay
-    window of both streams and every seed (benchmarks/RESULTS.md, temporal replay; the latest
-    replay has it -0.0009 on MovieLens' 47 days, under one query of 780); DESIGN §9's 5 steps
-    at 0.05 lost everywhere, and lr 0.01 lost one query on MovieLens' first 3 days."""
+    setting under which hourly updates did not lose to live histories alone on the mean of any
+    replay window of either stream (benchmarks/RESULTS.md, temporal replay; the latest replay, with the
+    numpy update and its permutation-window negatives, has it +0.0021 on MovieLens' 47 days and
+    +0.0111 on the synthetic stream); DESIGN §9's 5 steps at 0.05 lost everywhere, and lr 0.01
+    lost one query on MovieLens' first 3 days."""
     lr: float = 0.002
     """Adagrad learning rate for those steps."""
     min_events_new_user: int = 1
