@@ -10,8 +10,9 @@ decoding, parsing, windows) and the update side (Redis script batches, the per-u
 small tensor ops) each need about a core at full speed, and as two threads of one interpreter
 they take turns on one lock. In two processes they run side by side, at the price of a second
 interpreter (imports and the version loaded again: 1-2 s at start, the model's memory twice).
-On the 2-core reference machine, where Redis and the broker share those cores, that is a wash
-(benchmarks/RESULTS.md), so the thread is the default.
+On the 2-core reference machine, where Redis and the broker share those cores, the process
+applies a backlog 5-18% faster (benchmarks/RESULTS.md); the thread stays the default for its
+quicker start and single copy of the model.
 
 The worker is part of the consumer, not a service: it holds the loaded version and the user
 cache (streaming.user_cache) for the hours it applies, writes Redis itself, and lives and dies
@@ -21,20 +22,19 @@ signal (a crash of either is a crash of the consumer: the restart resumes from t
 positions, exactly as after a kill -9 of a single process). Any other worker failure is raised
 from ``Future.result()`` with the worker's message.
 
-Frames: 4-byte big-endian length + a ``marshal`` body. Requests: ``{"op": "apply", "version":
-v, "hours": [(hour_ms, [(partition, event_id, user_id, item_id, event_type, ts, weight), ...]),
+Frames: 4-byte big-endian length + UTF-8 JSON. Requests: ``{"op": "apply", "version": v,
+"hours": [[hour_ms, [[partition, event_id, user_id, item_id, event_type, ts, weight], ...]],
 ...]}`` and ``{"op": "forget", "why": ...}``; replies ``{"results": [HourResult fields, ...]}``,
-``{"ok": True}`` or ``{"error": message}``. marshal is Python's own serializer of plain values:
-5x faster than JSON to write (the consumer's reading thread pays it per event) and, unlike
-pickle, it builds values and never runs anything. Its format is tied to the Python version,
-which both ends share: the worker is this interpreter's own child, over a private pipe.
+``{"ok": true}`` or ``{"error": message}``. JSON, not pickle or marshal: nothing here executes
+what it reads, and a malformed frame is an error, not a crash (tests/test_security.py bans
+both from product code).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
-import marshal
 import os
 import signal
 import struct
@@ -92,7 +92,7 @@ def apply_hours(state: StreamState, version: LoadedVersion, hours: Hours, cfg: I
 
 
 def write_frame(stream: IO[bytes], message: dict) -> None:
-    body = marshal.dumps(message)
+    body = json.dumps(message, separators=(",", ":")).encode()
     stream.write(_LEN.pack(len(body)) + body)
     stream.flush()
 
@@ -106,7 +106,7 @@ def read_frame(stream: IO[bytes]) -> dict | None:
     body = stream.read(n)
     if len(body) < n:
         return None
-    return marshal.loads(body)
+    return json.loads(body)
 
 
 def encode_hours(hours: Hours) -> list:

@@ -293,9 +293,9 @@ class IncrementalConfig:
     applier: str = "thread"
     """Who applies closed hours: ``thread`` (in the consumer process) or ``process`` (a worker
     process, so the Kafka side and the update side do not share one interpreter lock; see
-    streaming.applier). On the 2-core reference machine the two are within 10% of each other
-    while reading, and the thread starts 1-2 s sooner (benchmarks/RESULTS.md); ``process`` is for
-    hosts with cores to spare, where the Kafka side is the limit."""
+    streaming.applier). On the 2-core reference machine the process applies a backlog 5-18%
+    faster, while the thread starts 1.5 s sooner and holds one copy of the model instead of two
+    (benchmarks/RESULTS.md); ``process`` pays off most on hosts with cores to spare."""
     cache_users: int = 200_000
     """Users whose row and history the consumer keeps in memory between hours, so an hour reads
     Redis only for the others (streaming.user_cache; about 0.5 KB each; 0 = read every hour)."""
