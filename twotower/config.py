@@ -293,8 +293,8 @@ class IncrementalConfig:
     applier: str = "thread"
     """Who applies closed hours: ``thread`` (in the consumer process) or ``process`` (a worker
     process, so the Kafka side and the update side do not share one interpreter lock; see
-    streaming.applier). On the 2-core reference machine the process applies a backlog 5-18%
-    faster, while the thread starts 1.5 s sooner and holds one copy of the model instead of two
+    streaming.applier). On the 2-core reference machine the process applies a backlog about
+    5% faster, while the thread starts 1.5 s sooner and holds one copy of the model instead of two
     (benchmarks/RESULTS.md); ``process`` pays off most on hosts with cores to spare."""
     cache_users: int = 200_000
     """Users whose row and history the consumer keeps in memory between hours, so an hour reads
