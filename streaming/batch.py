@@ -66,6 +66,7 @@ def apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: I
 
 
 def one_at_a_time(state: StreamState, version: LoadedVersion, hours: Hours, cfg: IncrementalConfig, cache: UserCache | None) -> list[HourResult]:
+    """The hours applied one after the other, each read from Redis (and the cache): streaming.hour."""
     return [apply_hour(state, version, hour, buffered, cfg, cache) for hour, buffered in hours]
 
 

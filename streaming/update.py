@@ -229,6 +229,12 @@ def hour_rows(
     arrays: RowUpdateArrays = version.update_arrays
     negatives = arrays.negatives(cfg.negatives, hour_ms // HOUR_MS)
     size = chunk_size(len(negatives.idx), cfg.logit_budget)
+    # a chunk's positives are padded to its widest user: [chunk, P, d] floats. One heavy user (a
+    # bot with thousands of events in an hour) would make that gigabytes at 512 users a chunk,
+    # so the hour's widest user bounds the chunk too (a function of the hour's content: every
+    # attempt chunks alike)
+    widest = max((len(t.items) for t in targets), default=1)
+    size = max(1, min(size, cfg.logit_budget // (widest * (arrays.item_vectors.shape[1] + 1) + len(negatives.idx))))
     out = np.empty((len(rows), rows.shape[1]), dtype=np.float32)
     for rng in chunks(len(rows), size):
         sl = slice(rng.start, rng.stop)

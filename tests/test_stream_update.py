@@ -336,3 +336,29 @@ def test_the_user_cache_is_bounded_and_dropped_whole_on_an_error(settings, redis
     with pytest.raises(ConnectionError):
         apply_hour(broken, version, H0, buffered([ev(1, "u1", "i3", H0 + 1)]), settings.incremental, cache)
     assert len(cache) == 0
+
+
+def test_a_heavy_user_makes_the_hours_chunks_smaller(settings, version, monkeypatch):
+    """Positives are padded to the widest user of a chunk ([chunk, P, d] floats): the hour's
+    widest user bounds the chunk so that stays within the logit budget."""
+    import dataclasses
+
+    import streaming.update as update
+
+    seen: list[tuple[int, int]] = []
+    real = update.update_rows
+
+    def spy(arrays, negatives, rows, context, targets, steps, lr):
+        seen.append((len(rows), max(len(t.items) for t in targets)))
+        return real(arrays, negatives, rows, context, targets, steps, lr)
+
+    monkeypatch.setattr(update, "update_rows", spy)
+    cfg = dataclasses.replace(settings.incremental, logit_budget=20_000, negatives=10)
+    d = version.item_vectors.shape[1]
+    heavy = user_targets(list(range(1, 31)), [1.0] * 30)
+    light = [user_targets([i % 30 + 1], [1.0]) for i in range(40)]
+    targets = [heavy] + light
+    rows = np.stack([version.model_row(1)] * len(targets))
+    out = update.hour_rows(version, rows, [1] * len(targets), [np.zeros(0, dtype=np.int32)] * len(targets), targets, H0, cfg)
+    assert out.shape == rows.shape and np.isfinite(out).all()
+    assert len(seen) > 1 and all(b * 30 * d <= cfg.logit_budget for b, _ in seen)
