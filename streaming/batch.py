@@ -117,14 +117,14 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
             hists_before = {u: current[u].hist for u in by_user}
             plans = plan_users(hour, by_user, rows_before, hists_before, version, cfg.min_events_new_user)
             new_rows = compute_rows(version, plans, hists_before, cfg)
-            result, writes, added = hour_writes(hour, plans, new_rows, partition_of)
-            for plan, write, items in zip(plans, writes, added):
+            result, writes = hour_writes(hour, plans, new_rows, partition_of)
+            for plan, write in zip(plans, writes):
                 uid = plan.user_id
                 before = current[uid]
                 prev = last_write.get(uid)
                 guard = NO_GUARD if prev is None else Guard(_stored_w(before), str(prev[0]), prev[1])
                 pending.append((hour, write, guard, write.row is not None))
-                current[uid] = written_entry(plan, write, items, before.row, before.hist, hour, L)
+                current[uid] = written_entry(plan, write, before.row, before.hist, hour, L)
                 last_write[uid] = (hour, len(write.history))
             writer.offer([(hour, write, guard) for hour, write, guard, _ in pending[writer.handed :]])
             result.compute_s = time.perf_counter() - t_hour

@@ -174,41 +174,39 @@ def history_write(events: list[Event]) -> list[tuple[int, str]]:
 
 
 def written_entry(
-    plan: UserPlan, write: UserWrite, items: list[int], row: StoredRow | None, hist: np.ndarray, hour_ms: int, history_len: int
+    plan: UserPlan, write: UserWrite, row: StoredRow | None, hist: np.ndarray, hour_ms: int, history_len: int
 ) -> CachedUser:
     """What a read at the user's next hour returns after ``write`` did what it planned (the row
     written when UPDATE, every history event new), from the state before the hour (``row``,
-    ``hist``); ``items``: the item_idx of the write's history events, in zset order."""
+    ``hist``); the write's history events are the plan's, in zset order (``plan.item_idx``)."""
     if plan.kind == UPDATE:
         n = (row.n if row is not None else 0) + plan.n_known
         first = row.f if row is not None and row.f >= 0 else hour_ms
         row = StoredRow(write.row.copy(), hour_ms, n, first)  # a copy: the view would pin the whole chunk's array
-    return CachedUser(row, next_history(hist, items, history_len))
+    return CachedUser(row, next_history(hist, plan.item_idx, history_len))
 
 
 def remember(
     cache: UserCache, version: LoadedVersion, hour_ms: int, plans: list[UserPlan], writes: list[UserWrite],
-    added: list[list[int]], outcomes: list[WriteOutcome], rows: dict[str, StoredRow], hists: dict[str, np.ndarray],
+    outcomes: list[WriteOutcome], rows: dict[str, StoredRow], hists: dict[str, np.ndarray],
 ) -> None:
     """Carry each written user into the cache as a read before their next hour would see them,
-    or drop them where the write says that cannot be vouched for (see streaming.user_cache).
-    ``added[i]``: the item_idx of write i's history events, in zset order."""
-    for plan, wr, items, out in zip(plans, writes, added, outcomes):
+    or drop them where the write says that cannot be vouched for (see streaming.user_cache)."""
+    for plan, wr, out in zip(plans, writes, outcomes):
         uid = plan.user_id
         if not out.exact or (plan.kind == UPDATE and not out.applied):
             cache.drop(uid)
             continue
-        cache.put(uid, written_entry(plan, wr, items, rows.get(uid), hists.get(uid, NO_HISTORY), hour_ms, version.history_len))
+        cache.put(uid, written_entry(plan, wr, rows.get(uid), hists.get(uid, NO_HISTORY), hour_ms, version.history_len))
 
 
 def hour_writes(
     hour_ms: int, plans: list[UserPlan], new_rows: dict[str, np.ndarray], partition_of: dict[str, int]
-) -> tuple[HourResult, list[UserWrite], list[list[int]]]:
-    """The hour's counters (functions of its content), one UserWrite per planned user (the row
-    only for UPDATE) and the item_idx of each write's history events in zset order."""
+) -> tuple[HourResult, list[UserWrite]]:
+    """The hour's counters (functions of its content) and one UserWrite per planned user (the row
+    only for UPDATE), in plan order."""
     result = HourResult(hour_ms, sum(len(p.events) for p in plans))
     writes: list[UserWrite] = []
-    added: list[list[int]] = []
     counts: dict[int, list[int]] = {}  # partition -> [users, events, unknown, new]
     for plan in plans:
         c = counts.get(partition_of[plan.user_id])
@@ -223,14 +221,13 @@ def hour_writes(
             c[3] += plan.new_user
         row = new_rows[plan.user_id] if plan.kind == UPDATE else None
         writes.append(UserWrite(plan.user_id, row, plan.n_known, history_write(plan.events)))
-        added.append(plan.item_idx)
     for p, (users, events, unknown, new) in counts.items():
         result.per_partition[p] = {"users": users, "events": events, "unknown": unknown, "new": new}
         result.users_updated += users
         result.events_applied += events
         result.unknown_items += unknown
         result.new_users += new
-    return result, writes, added
+    return result, writes
 
 
 def apply_hour(
@@ -263,7 +260,7 @@ def _apply_hour(
     new_rows = compute_rows(version, plans, hists, cfg)
     t2 = time.perf_counter()
 
-    result, writes, added = hour_writes(hour_ms, plans, new_rows, partition_of)
+    result, writes = hour_writes(hour_ms, plans, new_rows, partition_of)
     result.read_s, result.compute_s = t1 - t0, t2 - t1
     retention_ms = cfg.history_retention_s * 1000
     half = len(writes) // 2
@@ -275,7 +272,7 @@ def _apply_hour(
             crash_point("mid_rows")
     result.rows_written = sum(o.applied for o in outcomes)
     if cache is not None:
-        remember(cache, version, hour_ms, plans, writes, added, outcomes, rows, hists)
+        remember(cache, version, hour_ms, plans, writes, outcomes, rows, hists)
     result.seconds = time.perf_counter() - t0
     result.write_s = result.seconds - (t2 - t0)
     return result
