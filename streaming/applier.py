@@ -59,7 +59,6 @@ log = logging.getLogger("streaming.consumer")
 
 Hours = list[tuple[int, list[Buffered]]]
 PROCESS, THREAD = "process", "thread"
-BLAS_THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _LEN = struct.Struct(">I")
 
 
@@ -163,10 +162,6 @@ class ProcessApplier:
     def __init__(self, settings: Settings, version: str | None = None):
         env = dict(os.environ) | settings_env(settings)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        # the update's numpy BLAS would start a thread per core for an hour's small products, which
-        # then compete with the reading process and Redis; read before numpy loads, hence here
-        for name in BLAS_THREAD_ENVS:
-            env.setdefault(name, str(max(1, settings.incremental.threads)))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streaming.applier"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=PROJECT_ROOT,
         )
@@ -249,10 +244,12 @@ def _die_with_parent() -> None:
 def serve(inp: IO[bytes], out: IO[bytes], settings: Settings, load: Callable[[str], LoadedVersion]) -> None:
     """The worker's loop: one request in, one reply out, until EOF."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from jobs.redis_conn import redis_client
 
     torch.set_num_threads(max(1, settings.incremental.threads))
+    threadpool_limits(limits=max(1, settings.incremental.threads), user_api="blas")  # as the consumer does
     cfg = settings.incremental
     state = StreamState(redis_client(settings), settings.redis.prefix)
     version: LoadedVersion | None = None

@@ -35,10 +35,8 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
-
 from streaming.faults import crash_point
-from streaming.hour import HourResult, apply_hour, compute_rows, hour_writes, plan_users, written_entry
+from streaming.hour import HourResult, apply_hour, compute_rows, hour_writes, plan_users, read_state, written_entry
 from streaming.state import NO_GUARD, Guard, StreamState, UserWrite, WriteOutcome
 from streaming.user_cache import CachedUser, UserCache
 from streaming.version import LoadedVersion
@@ -82,26 +80,16 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
             first_hour.setdefault(uid, hour)
 
     # 1. the state before each user's first hour: the cache, else one read
-    current: dict[str, CachedUser] = {}
-    missing = []
-    for uid in first_hour:
-        entry = cache.get(uid) if cache is not None else None
-        if entry is None:
-            missing.append(uid)
-        else:
-            current[uid] = entry
-    if missing:
-        rows, hists, later = state.read_users(version.version, missing, [first_hour[u] for u in missing], L)
-        index = version.item_index
-        for uid in missing:
-            row = rows.get(uid)
-            if later[uid] or (row is not None and row.w >= first_hour[uid]):
-                log.info(
-                    "%d hours from %s are partly in Redis already (user %s: a replay after a restart or a version "
-                    "switch): applying them one at a time", len(hours), _iso(hours[0][0]), uid,
-                )
-                return one_at_a_time(state, version, hours, cfg, cache)
-            current[uid] = CachedUser(row, np.array([index.get(i, 0) for i in hists[uid]], dtype=np.int32))
+    rows, hists, later = read_state(state, version, first_hour, list(first_hour), cache)
+    for uid, hour in first_hour.items():
+        row = rows.get(uid)
+        if later.get(uid) or (row is not None and row.w >= hour):
+            log.info(
+                "%d hours from %s are partly in Redis already (user %s: a replay after a restart or a version "
+                "switch): applying them one at a time", len(hours), _iso(hours[0][0]), uid,
+            )
+            return one_at_a_time(state, version, hours, cfg, cache)
+    current = {uid: CachedUser(rows.get(uid), hists[uid]) for uid in first_hour}
     read_s = time.perf_counter() - t0
 
     # 2. the hours in order, each from what the ones before it leave; 3. their writes, in order,

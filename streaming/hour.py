@@ -36,7 +36,7 @@ from streaming.user_cache import CachedUser, UserCache, next_history
 from streaming.update import UserTargets, hour_rows, user_targets
 from streaming.version import LoadedVersion
 from streaming.windows import Buffered, events_by_user, window_start
-from twotower.redis_keys import HIST_SEP
+from twotower import redis_keys as rk
 from twotower.config import IncrementalConfig
 
 log = logging.getLogger(__name__)
@@ -143,12 +143,15 @@ def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: Mapping[s
 
 
 def read_state(
-    state: StreamState, version: LoadedVersion, hour_ms: int, uids: list[str], cache: UserCache | None
-) -> tuple[dict[str, StoredRow], dict[str, np.ndarray]]:
-    """Rows and histories (item_idx) before the hour: from the cache where it holds the user,
-    else from Redis (one batched read for all the others)."""
+    state: StreamState, version: LoadedVersion, before: int | dict[str, int], uids: list[str], cache: UserCache | None
+) -> tuple[dict[str, StoredRow], dict[str, np.ndarray], dict[str, int]]:
+    """Rows and histories (item_idx) before ``before`` (one hour start for all, or one per user):
+    from the cache where it holds the user, else from Redis (one batched read for all the
+    others); and, for the users read, how many history events they have from ``before`` on
+    (a cached user has none: the cache holds only users it can vouch for)."""
     rows: dict[str, StoredRow] = {}
     hists: dict[str, np.ndarray] = {}
+    later: dict[str, int] = {}
     missing = []
     for uid in uids:
         entry = cache.get(uid) if cache is not None else None
@@ -159,18 +162,19 @@ def read_state(
             rows[uid] = entry.row
         hists[uid] = entry.hist
     if missing:
-        read_rows, read_hists, _ = state.read_users(version.version, missing, hour_ms, version.history_len)
+        at = [before[u] for u in missing] if isinstance(before, dict) else before
+        read_rows, read_hists, later = state.read_users(version.version, missing, at, version.history_len)
         rows.update(read_rows)
         index = version.item_index
         for uid in missing:
             hists[uid] = np.array([index.get(i, 0) for i in read_hists[uid]], dtype=np.int32)
-    return rows, hists
+    return rows, hists, later
 
 
 def history_write(events: list[Event]) -> list[tuple[int, str]]:
     """(ts, member) of a user's events, in the order given: the history zset's order when the
     events come from streaming.windows.events_by_user."""
-    return [(e.ts, f"{e.event_id}{HIST_SEP}{e.item_id}") for e in events]  # rk.history_member, inlined: once per event
+    return [(e.ts, rk.history_member(e.event_id, e.item_id)) for e in events]
 
 
 def written_entry(
@@ -254,7 +258,7 @@ def _apply_hour(
     t0 = time.perf_counter()
     by_user = events_by_user(buffered)
     partition_of = {b.event.user_id: b.partition for b in buffered}
-    rows, hists = read_state(state, version, hour_ms, list(by_user), cache)
+    rows, hists, _ = read_state(state, version, hour_ms, list(by_user), cache)
     t1 = time.perf_counter()
     plans = plan_users(hour_ms, by_user, rows, hists, version, cfg.min_events_new_user)
     new_rows = compute_rows(version, plans, hists, cfg)
