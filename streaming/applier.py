@@ -47,6 +47,7 @@ from typing import IO, Any, Callable
 
 from streaming.events import Event
 from streaming.faults import crash_point
+from streaming.gc_tuning import set_consumer_thresholds
 from streaming.batch import apply_batch
 from streaming.hour import HourResult
 from streaming.state import StreamState
@@ -131,6 +132,25 @@ def result_from_wire(data: dict) -> HourResult:
 # --- the two kinds ----------------------------------------------------------------------------
 
 
+class InOrder:
+    """Runs the batches handed to one applier, one after the other, and refuses every batch
+    after one that failed. The consumer queues the next batch while one is being written; if
+    that one fails, applying the next would write later hours over missing earlier ones, whose
+    own updates the rows' ``w`` would then refuse after the restart: lost, not replayed."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def run(self, work: Callable[[], Any]) -> Any:
+        if self.failure is not None:
+            raise RuntimeError(f"not applied: an earlier batch of hours failed ({self.failure})")
+        try:
+            return work()
+        except BaseException as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+
+
 class ThreadApplier:
     """Hours applied by one thread of this process (see module docstring)."""
 
@@ -138,11 +158,13 @@ class ThreadApplier:
         self.state, self.cfg = state, cfg
         self.cache: UserCache | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hour-applier")
+        self._order = InOrder()
 
     def submit(self, version: LoadedVersion, hours: Hours) -> Future:
         if self.cfg.cache_users > 0 and (self.cache is None or self.cache.version != version.version):
             self.cache = UserCache(version.version, self.cfg.cache_users)
-        return self._pool.submit(apply_hours, self.state, version, hours, self.cfg, self.cache)
+        cache = self.cache
+        return self._pool.submit(self._order.run, lambda: apply_hours(self.state, version, hours, self.cfg, cache))
 
     def forget_users(self, why: str) -> None:
         if self.cache is not None:
@@ -167,12 +189,13 @@ class ProcessApplier:
         )
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="applier-io")
         self._stats: dict[str, int] = {}
+        self._order = InOrder()
         if version is not None:
             self._io.submit(self._call, {"op": "load", "version": version})
 
     def submit(self, version: LoadedVersion, hours: Hours) -> Future:
         request = {"op": "apply", "version": version.version, "hours": encode_hours(hours)}
-        return self._io.submit(lambda: [result_from_wire(r) for r in self._call(request)["results"]])
+        return self._io.submit(self._order.run, lambda: [result_from_wire(r) for r in self._call(request)["results"]])
 
     def forget_users(self, why: str) -> None:
         self._io.submit(self._call, {"op": "forget", "why": why}).result()
@@ -250,6 +273,7 @@ def serve(inp: IO[bytes], out: IO[bytes], settings: Settings, load: Callable[[st
 
     torch.set_num_threads(max(1, settings.incremental.threads))
     threadpool_limits(limits=max(1, settings.incremental.threads), user_api="blas")  # as the consumer does
+    set_consumer_thresholds()  # the worker is the consumer's own process (streaming.gc_tuning)
     cfg = settings.incremental
     state = StreamState(redis_client(settings), settings.redis.prefix)
     version: LoadedVersion | None = None

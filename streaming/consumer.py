@@ -13,8 +13,10 @@ buffer, positions, commits: kafka-python's consumer is not thread-safe), and the
 thread by default, or a worker process; streaming.applier) writes the closed hours (Redis
 reads, the update's tensor work, Redis writes), in order, while the next records are polled
 and parsed. Closed hours go to the applier in batches (up to
-MAX_HOURS_PER_BATCH); positions are stored when a batch is written, so a backlog costs one
-checkpoint per batch, not per hour.
+MAX_HOURS_PER_BATCH), the next one queued behind the one being written (MAX_BATCHES_IN_FLIGHT);
+positions are stored when a batch is written, so a backlog costs one checkpoint per batch, not
+per hour. Batches are written strictly in order, and once one fails the applier refuses the
+ones queued behind it (streaming.applier.InOrder).
 
 Exactly-once effect: how a kill -9 at any point leaves Redis as an uninterrupted run would
 -------------------------------------------------------------------------------------------
@@ -68,13 +70,15 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from streaming.clients import BrokerWatch
 from streaming.events import Limits, Rejection, dead_letter_headers, dead_letter_value, parse_event
 from streaming.faults import crash_point
+from streaming.gc_tuning import consumer_thresholds
 from streaming.hour import HourResult
 from streaming.state import StreamState
 from streaming.applier import ProcessApplier, ThreadApplier, make_applier
@@ -98,9 +102,22 @@ PROGRESS_EVERY_S = 30.0
 VERSION_CHECK_EVERY_S = 2.0
 MAX_HOURS_PER_BATCH = 168
 """Closed hours handed to the applier at once; positions are stored after each batch."""
+MAX_BATCHES_IN_FLIGHT = 2
+"""Batches handed to the applier at once: the one it is applying and the next, queued, so that it
+starts on the next as soon as it is done instead of when this thread next looks (a batch's
+positions are stored when it is written; batches are written strictly in order)."""
 MAX_RECORDS_AHEAD = 200_000
 """Records the reading thread may read while the applier is still on a batch, before it waits
 (the buffered events of open hours are the consumer's memory: about 0.3 KB each)."""
+
+
+class InFlight(NamedTuple):
+    """A batch of hours handed to the applier: its result, the positions to store once it is
+    written (taken when its hours were closed) and how many records had been read then."""
+
+    future: Future
+    positions: dict[int, Checkpoint]
+    read_at_submit: int
 
 
 def iso(ms: int | None) -> str:
@@ -188,10 +205,9 @@ class IncrementalConsumer:
         self._dlq_pending = False
         self.broker = BrokerWatch(settings.kafka, f"incremental consumer (group {settings.kafka.group_id})")
         self._applier: ThreadApplier | ProcessApplier | None = None
-        self._inflight: Future | None = None
-        self._inflight_positions: dict[int, Checkpoint] = {}
+        self._inflight: deque[InFlight] = deque()
+        """Batches handed to the applier and not yet accounted for, oldest first."""
         self._first_record_at: float | None = None
-        self._read_at_submit = 0
 
     # --- partitions -----------------------------------------------------------------------
 
@@ -382,7 +398,7 @@ class IncrementalConsumer:
         taken out of the buffers: they say "these hours applied, everything after them still to
         read", and records ingested meanwhile only ever come after them.
         """
-        if self._inflight is not None or self.stop_requested:
+        if len(self._inflight) >= MAX_BATCHES_IN_FLIGHT or self.stop_requested:
             return
         if self._version_moved():
             self._switch_version()
@@ -397,31 +413,39 @@ class IncrementalConsumer:
             hours.append((hour, close_window(trackers, hour, idle)))
         if not hours:
             return
-        self._inflight_positions = {p: t.checkpoint() for p, t in self.trackers.items()}
+        positions = {p: t.checkpoint() for p, t in self.trackers.items()}
         if self._applier is None:
             self._applier = make_applier(self.s, self.state, self.version.version if self.version else None)
-        self._inflight = self._applier.submit(self.version, hours)
-        self._read_at_submit = self.report.records_read
+        self._inflight.append(InFlight(self._applier.submit(self.version, hours), positions, self.report.records_read))
 
     def _drain_closable(self) -> None:
         """Apply every closable hour now, batch after batch (the end of a bounded run)."""
         while True:
-            self._collect()
             self._submit_closable()
-            if self._inflight is None:
+            if not self._inflight:
                 return
+            self._collect_oldest()
 
     def _collect(self) -> None:
-        """Wait for the hours in flight (an applier error is raised here, before anything claims
-        them done), account for them and store the positions taken when they closed."""
-        if self._inflight is None:
-            return
-        future, self._inflight = self._inflight, None
-        results = future.result()
+        """Wait for every batch in flight and account for it (see _collect_oldest)."""
+        while self._inflight:
+            self._collect_oldest()
+
+    def _collect_done(self) -> None:
+        """Account for the batches the applier has finished, oldest first, without waiting."""
+        while self._inflight and self._inflight[0].future.done():
+            self._collect_oldest()
+
+    def _collect_oldest(self) -> None:
+        """Wait for the oldest batch in flight (an applier error is raised here, before anything
+        claims its hours done), account for it and store the positions taken when it closed.
+        Batches finish in the order they were handed over, so positions only move forward."""
+        batch = self._inflight.popleft()
+        results = batch.future.result()
         assert self.version is not None
         for result in results:
             self._account(result)
-        positions = {p: c for p, c in self._inflight_positions.items() if p in self.trackers}
+        positions = {p: c for p, c in batch.positions.items() if p in self.trackers}
         self._store_positions(positions, published=True)
 
     def _account(self, result: HourResult) -> None:
@@ -550,7 +574,7 @@ class IncrementalConsumer:
         try:
             # numpy's BLAS would start a thread per core for each of an hour's small products,
             # which then compete with the reading thread and Redis (measured: 13% fewer events/s)
-            with threadpool_limits(limits=max(1, self.cfg.threads), user_api="blas"):
+            with threadpool_limits(limits=max(1, self.cfg.threads), user_api="blas"), consumer_thresholds():
                 return self._run(max_seconds)
         finally:
             if self._applier is not None:
@@ -601,12 +625,13 @@ class IncrementalConsumer:
                 self.state.save_dlq_marks({p: o for p, o in self.dlq_next.items() if p in self.trackers})
                 self._dlq_pending = False
             if self.trackers:
-                # the applier works while this thread reads on; it is only waited for when it is
-                # done, or when this thread has read a backlog's worth ahead of it (memory)
-                inflight = self._inflight
-                if inflight is None or inflight.done() or self.report.records_read - self._read_at_submit > MAX_RECORDS_AHEAD:
+                # the applier works while this thread reads on, with the next batch already queued
+                # behind the one it is on (no idle gap between them); it is only waited for when
+                # this thread has read a backlog's worth ahead of it (memory)
+                self._collect_done()
+                if self._inflight and self.report.records_read - self._inflight[0].read_at_submit > MAX_RECORDS_AHEAD:
                     self._collect()
-                    self._submit_closable()
+                self._submit_closable()
                 if self.mode == CONTINUOUS and time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_interval_s:
                     self._checkpoint()
                 self._progress()
