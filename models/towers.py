@@ -35,8 +35,6 @@ from twotower.contracts import ARTIFACT_FILES
 
 ARCHS = ("youtubednn", "dssm")
 POOLINGS = ("mean", "decay", "mean+decay")
-POOL_ONE_BY_ONE = 4
-"""Up to this many histories are pooled one at a time (fewer array ops than the matrix)."""
 
 
 def pooled_embeddings(table: nn.Embedding, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,11 +152,11 @@ class RowPass(NamedTuple):
     """What ``UserTowerArrays.row_forward`` keeps for ``row_backward`` (float32)."""
 
     v: np.ndarray
-    """[B, d] the output: ``scale`` x the unit user vectors."""
+    """[..., d] the output: ``scale`` x the unit user vectors."""
     h: np.ndarray
-    """[B, hidden] first-layer pre-activations."""
+    """[..., hidden] first-layer pre-activations."""
     coef: np.ndarray
-    """[B, 1] scale / |z|, z the output before normalisation."""
+    """[..., 1] scale / |z|, z the output before normalisation."""
     inv_scale2: np.float32
     """1 / scale^2."""
 
@@ -188,8 +186,6 @@ class UserTowerArrays:
         self.item_table = _padded_table(model.item_id_embedding) if model.use_history else None
         self.history_len = int(model.history_len)
         self.decay_by_rank, self.decay_total = self._decay_tables(self.history_len)
-        self.decay_oldest_first = _frozen(torch.from_numpy(self.decay_by_rank[: self.history_len][::-1].copy()))
-        """The weights of ranks L - 1 .. 0: a window of n real items (oldest first) takes the last n."""
         self.w_row = _frozen(first.weight[:, :e])  # [hidden, e]
         self.w_row_t = _frozen(first.weight[:, :e].T)  # [e, hidden]
         self.w_context_t = _frozen(first.weight[:, e:].T)  # [c, hidden]
@@ -224,27 +220,10 @@ class UserTowerArrays:
         """``pool_history`` of the item-ID embeddings of each history's newest ``history_len``
         entries (item_idx ints, oldest first; 0 = an item the version does not know, skipped
         but holding its slot, as in the 0-padded ``hist[B, L]`` of the torch tower): float32
-        [B, e], or [B, 2e] for ``mean+decay``. A single history is pooled on its own (half the
-        array ops: most hours have one or two users), up to ``POOL_ONE_BY_ONE`` one by one, more
-        as one [B, L] matrix."""
-        if len(hists) <= POOL_ONE_BY_ONE:
-            width = self.history_len
-            pooled = [self._pool_one(h[len(h) - min(len(h), width) :]) for h in hists]
-            return pooled[0][None, :] if len(pooled) == 1 else np.stack(pooled)
+        [B, e], or [B, 2e] for ``mean+decay``. Always one [B, L] matrix: each row's result is
+        then the same whatever other histories share the call (the hourly update relies on
+        that; streaming.update)."""
         return self._pool_matrix(history_matrix(hists, self.history_len))
-
-    def _pool_one(self, window: np.ndarray) -> np.ndarray:
-        """One history window (<= ``history_len`` entries, oldest first) -> [e] or [2e]."""
-        real = window[window > 0]
-        n = len(real)
-        emb = self.item_table[real]  # [n, e]
-        parts = []
-        if self.pooling in ("mean", "mean+decay"):
-            parts.append(emb.sum(axis=0) / np.float32(max(n, 1)))
-        if self.pooling in ("decay", "mean+decay"):
-            # oldest first: the ranks run n - 1 .. 0
-            parts.append(np.dot(self.decay_oldest_first[self.history_len - n :], emb) / self.decay_total[n])
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _pool_matrix(self, hist: np.ndarray) -> np.ndarray:
         """The same for a 0-padded ``hist[B, L]``, L <= ``history_len``."""
@@ -267,34 +246,38 @@ class UserTowerArrays:
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def hidden_context(self, context: np.ndarray) -> np.ndarray:
-        """The context's share of the first layer, bias included: float32 [B, hidden]."""
-        out = np.dot(context, self.w_context_t)
+        """The context's share of the first layer, bias included: float32 [..., hidden] for
+        ``context[..., c]``."""
+        out = np.matmul(context, self.w_context_t)
         out += self.b1
         return out
 
     def row_forward(self, rows: np.ndarray, hidden_context: np.ndarray, scale: float = 1.0) -> RowPass:
-        """``scale`` x the unit user vectors of ID rows ``rows[B, e]``, in ``RowPass.v`` [B, d]
-        (the update passes 1 / temperature, so the output times an item vector is its logit)."""
-        h = np.dot(rows, self.w_row_t)
+        """``scale`` x the unit user vectors of ID rows ``rows[..., e]``, in ``RowPass.v`` [..., d]
+        (the update passes 1 / temperature, so the output times an item vector is its logit).
+        Leading axes are batch axes (the update passes [blocks, users, e]); every product is a
+        matmul and every reduction runs over the last axis, so a row's result does not depend
+        on the rows beside it."""
+        h = np.matmul(rows, self.w_row_t)
         h += hidden_context
-        z = np.dot(np.maximum(h, np.float32(0.0)), self.w2_t)
+        z = np.matmul(np.maximum(h, np.float32(0.0)), self.w2_t)
         z += self.b2
         # F.normalize: z / max(|z|, 1e-12)
-        norm = np.sqrt((z * z).sum(axis=1, keepdims=True))
+        norm = np.sqrt((z * z).sum(axis=-1, keepdims=True))
         coef = np.float32(scale) / np.maximum(norm, np.float32(1e-12), out=norm)
         z *= coef
         return RowPass(z, h, coef, np.float32(1.0 / (scale * scale)))
 
     def row_backward(self, g: np.ndarray, fwd: RowPass) -> np.ndarray:
-        """Gradient of ``sum(g * v)`` with respect to the rows: float32 [B, e] for ``g[B, d]``.
+        """Gradient of ``sum(g * v)`` with respect to the rows: float32 [..., e] for ``g[..., d]``.
         With v = s u:  dz = (s / |z|) (g - v (v . g) / s^2)."""
         v = fwd.v
-        dz = v * ((v * g).sum(axis=1, keepdims=True) * fwd.inv_scale2)
+        dz = v * ((v * g).sum(axis=-1, keepdims=True) * fwd.inv_scale2)
         np.subtract(g, dz, out=dz)
         dz *= fwd.coef
-        dh = np.dot(dz, self.w2)
+        dh = np.matmul(dz, self.w2)
         np.multiply(dh, fwd.h > 0, out=dh)  # relu
-        return np.dot(dh, self.w_row)
+        return np.matmul(dh, self.w_row)
 
 
 def history_matrix(hists: Sequence[np.ndarray], width: int) -> np.ndarray:

@@ -36,9 +36,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from streaming.faults import crash_point
-from streaming.hour import HourResult, apply_hour, compute_rows, hour_writes, plan_users, read_state, written_entry
-from streaming.state import NO_GUARD, Guard, StreamState, UserWrite, WriteOutcome
+from streaming.hour import HourResult, apply_hour, hour_writes, plan_users, read_state, row_jobs, written_entry
+from streaming.state import NO_GUARD, Guard, StoredRow, StreamState, UserWrite, WriteOutcome
 from streaming.user_cache import CachedUser, UserCache
+from streaming.update import RowJob, assign_levels, run_levels
 from streaming.version import LoadedVersion
 from streaming.windows import Buffered, events_by_user
 from twotower.config import IncrementalConfig
@@ -92,36 +93,71 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
     current = {uid: CachedUser(rows.get(uid), hists[uid]) for uid in first_hour}
     read_s = time.perf_counter() - t0
 
-    # 2. the hours in order, each from what the ones before it leave; 3. their writes, in order,
-    # each guarded by the prediction it was computed from, sent while the next hours compute
+    # 2. the hours planned in order, each from what the ones before it leave (a row not computed
+    # yet is the RowJob that will compute it); then every row computed, pass after pass
+    # (streaming.update.run_jobs); 3. the writes, each guarded by the prediction it was computed
+    # from, sent as soon as their rows are known while later passes compute
     results: list[HourResult] = []
-    pending: list[tuple[int, UserWrite, Guard, bool]] = []  # hour, write, guard, row planned
+    pending: list[tuple[int, UserWrite, Guard, bool]] = []  # hour, write (row: a RowJob until computed), guard, row planned
     last_write: dict[str, tuple[int, int]] = {}  # user -> (hour, events) of their latest write so far
+    jobs_by_hour: list[list[RowJob]] = []
+    for hour, by_user, partition_of in grouped:
+        t_hour = time.perf_counter()
+        rows_before = {u: current[u].row for u in by_user if current[u].row is not None}
+        hists_before = {u: current[u].hist for u in by_user}
+        plans = plan_users(hour, by_user, rows_before, hists_before, version, cfg.min_events_new_user)
+        computed, jobs = row_jobs(plans, hists_before)
+        jobs_by_hour.append(jobs)
+        result, writes = hour_writes(hour, plans, {p.user_id: job for p, job in zip(computed, jobs)}, partition_of)
+        for plan, write in zip(plans, writes):
+            uid = plan.user_id
+            before = current[uid]
+            prev = last_write.get(uid)
+            guard = NO_GUARD if prev is None else Guard(_stored_w(before), str(prev[0]), prev[1])
+            pending.append((hour, write, guard, write.row is not None))
+            current[uid] = written_entry(plan, write.row, before.row, before.hist, hour, L)
+            last_write[uid] = (hour, len(write.history))
+        result.compute_s = time.perf_counter() - t_hour
+        result.seconds = result.compute_s
+        results.append(result)
+
+    # a user's writes must reach Redis in hour order (each one's guard assumes the one before);
+    # different users' writes are independent. So the writes go out pass by pass: each pass's
+    # rows as soon as it is computed, a history-only write with the user's write before it
+    levels = assign_levels(jobs_by_hour, version.update_arrays, cfg)
+    write_level: list[int] = []
+    user_level: dict[str, int] = {}
+    for _, write, _, _ in pending:
+        level = write.row.level if isinstance(write.row, RowJob) else user_level.get(write.user_id, 0)
+        user_level[write.user_id] = level
+        write_level.append(level)
+    order = sorted(range(len(pending)), key=write_level.__getitem__)  # stable: hour order within a pass
+    ready = 0  # order[:ready] have their rows
+
+    def to_send(stop: int) -> list[tuple[int, UserWrite, Guard]]:
+        return [(pending[i][0], _computed(pending[i][1]), pending[i][2]) for i in order[writer.handed : stop]]
+
+    def send_ready(level: int) -> None:
+        nonlocal ready
+        while ready < len(order) and write_level[order[ready]] <= level:
+            ready += 1
+        writer.offer(to_send(ready))
+
     writer = WriteBehind(state, version.version, L, cfg.history_retention_s * 1000)
     try:
-        for hour, by_user, partition_of in grouped:
-            t_hour = time.perf_counter()
-            rows_before = {u: current[u].row for u in by_user if current[u].row is not None}
-            hists_before = {u: current[u].hist for u in by_user}
-            plans = plan_users(hour, by_user, rows_before, hists_before, version, cfg.min_events_new_user)
-            new_rows = compute_rows(version, plans, hists_before, cfg)
-            result, writes = hour_writes(hour, plans, new_rows, partition_of)
-            for plan, write in zip(plans, writes):
-                uid = plan.user_id
-                before = current[uid]
-                prev = last_write.get(uid)
-                guard = NO_GUARD if prev is None else Guard(_stored_w(before), str(prev[0]), prev[1])
-                pending.append((hour, write, guard, write.row is not None))
-                current[uid] = written_entry(plan, write, before.row, before.hist, hour, L)
-                last_write[uid] = (hour, len(write.history))
-            writer.offer([(hour, write, guard) for hour, write, guard, _ in pending[writer.handed :]])
-            result.compute_s = time.perf_counter() - t_hour
-            result.seconds = result.compute_s
-            results.append(result)
+        t_compute = time.perf_counter()
+        run_levels(version, levels, cfg, after_level=send_ready)
+        results[-1].compute_s += time.perf_counter() - t_compute  # one computation for the batch
         t_write = time.perf_counter()
-        outcomes = writer.finish([(hour, write, guard) for hour, write, guard, _ in pending[writer.handed :]])
+        sent = writer.finish(to_send(len(order)))
     finally:
         writer.close()
+    outcomes: list[WriteOutcome] = [None] * len(pending)  # type: ignore[list-item]
+    for i, out in zip(order, sent):
+        outcomes[i] = out
+    for uid, entry in current.items():
+        if entry.row is not None and isinstance(entry.row.e, RowJob):
+            current[uid] = CachedUser(StoredRow(entry.row.e.out, entry.row.w, entry.row.n, entry.row.f), entry.hist)
     position = {hour: i for i, (hour, _) in enumerate(hours)}
     conflict_at: int | None = None
     vouched: dict[str, bool] = {}
@@ -212,6 +248,11 @@ class WriteBehind:
         if first:
             crash_point("mid_rows")
         return outcomes
+
+
+def _computed(write: UserWrite) -> UserWrite:
+    """The write with its row computed (UserWrite.row was the RowJob computing it)."""
+    return write._replace(row=write.row.out) if isinstance(write.row, RowJob) else write
 
 
 def _stored_w(entry: CachedUser) -> str:

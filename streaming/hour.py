@@ -33,16 +33,15 @@ from streaming.events import Event
 from streaming.faults import crash_point
 from streaming.state import StoredRow, StreamState, UserWrite, WriteOutcome
 from streaming.user_cache import CachedUser, UserCache, next_history
-from streaming.update import UserTargets, hour_rows, user_targets
+from streaming.update import NO_HISTORY, RowJob, UserTargets, run_jobs, user_targets
 from streaming.version import LoadedVersion
-from streaming.windows import Buffered, events_by_user, window_start
+from streaming.windows import HOUR_MS, Buffered, events_by_user, window_start
 from twotower import redis_keys as rk
 from twotower.config import IncrementalConfig
 
 log = logging.getLogger(__name__)
 
 UPDATE, REPLAYED, HISTORY_ONLY = "update", "replayed", "history_only"
-NO_HISTORY = np.zeros(0, dtype=np.int32)
 
 
 @dataclass(slots=True)
@@ -54,7 +53,8 @@ class UserPlan:
     """In (ts, event_id, item_id) order (streaming.windows.events_by_user), the history's order."""
     kind: str
     targets: UserTargets | None = None
-    start_row: np.ndarray | None = None
+    start_row: "np.ndarray | RowJob | None" = None
+    """The row before the hour, or (streaming.batch) the job computing it from the user's previous hour."""
     user_idx: int = 0
     new_user: bool = False
     n_known: int = 0
@@ -127,19 +127,25 @@ def plan_users(
 
 def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: Mapping[str, np.ndarray], cfg: IncrementalConfig) -> dict[str, np.ndarray]:
     """New rows of every planned user with a row (UPDATE and REPLAYED), computed as one hour
-    (streaming.update.hour_rows: fixed chunks of the sorted user list, so each row comes out of
-    the same shapes in any attempt). ``hists``: each user's history before the hour as item_idx
-    (int [<= L], oldest first)."""
+    (streaming.update.run_jobs: fixed blocks of the hour's sorted user list, so each row comes
+    out of the same arithmetic in any attempt). ``hists``: each user's history before the hour
+    as item_idx (int [<= L], oldest first)."""
+    batch, jobs = row_jobs(plans, hists)
+    if not jobs:
+        return {}
+    run_jobs(version, [jobs], cfg)
+    return {p.user_id: job.out for p, job in zip(batch, jobs)}
+
+
+def row_jobs(plans: list[UserPlan], hists: Mapping[str, np.ndarray]) -> tuple[list[UserPlan], list[RowJob]]:
+    """(the plans with a row to compute, one RowJob each), in plan order. A plan's start row may
+    be the RowJob of the user's previous hour (streaming.batch)."""
     batch = [p for p in plans if p.kind in (UPDATE, REPLAYED)]
     if not batch:
-        return {}
+        return [], []
     # the hour's negative sample is seeded by the hour itself: every attempt draws the same one
-    hour_ms = window_start(min(e.ts for p in batch for e in p.events))
-    new_rows = hour_rows(
-        version, np.stack([p.start_row for p in batch]), [p.user_idx for p in batch],
-        [hists.get(p.user_id, NO_HISTORY) for p in batch], [p.targets for p in batch], hour_ms, cfg,
-    )
-    return {p.user_id: row for p, row in zip(batch, new_rows)}
+    hour = window_start(min(e.ts for p in batch for e in p.events)) // HOUR_MS
+    return batch, [RowJob(hour, p.start_row, p.user_idx, hists.get(p.user_id, NO_HISTORY), p.targets) for p in batch]
 
 
 def read_state(
@@ -178,15 +184,17 @@ def history_write(events: list[Event]) -> list[tuple[int, str]]:
 
 
 def written_entry(
-    plan: UserPlan, write: UserWrite, row: StoredRow | None, hist: np.ndarray, hour_ms: int, history_len: int
+    plan: UserPlan, new_row: "np.ndarray | RowJob | None", row: StoredRow | None, hist: np.ndarray, hour_ms: int, history_len: int
 ) -> CachedUser:
-    """What a read at the user's next hour returns after ``write`` did what it planned (the row
-    written when UPDATE, every history event new), from the state before the hour (``row``,
-    ``hist``); the write's history events are the plan's, in zset order (``plan.item_idx``)."""
+    """What a read at the user's next hour returns after the hour's write did what it planned
+    (``new_row`` written when UPDATE, every history event new), from the state before the hour
+    (``row``, ``hist``); the write's history events are the plan's, in zset order
+    (``plan.item_idx``). ``new_row`` is kept as given: an array the caller owns, or the RowJob
+    that will compute it (streaming.batch plans a batch's hours before computing their rows)."""
     if plan.kind == UPDATE:
         n = (row.n if row is not None else 0) + plan.n_known
         first = row.f if row is not None and row.f >= 0 else hour_ms
-        row = StoredRow(write.row.copy(), hour_ms, n, first)  # a copy: the view would pin the whole chunk's array
+        row = StoredRow(new_row, hour_ms, n, first)
     return CachedUser(row, next_history(hist, plan.item_idx, history_len))
 
 
@@ -201,7 +209,7 @@ def remember(
         if not out.exact or (plan.kind == UPDATE and not out.applied):
             cache.drop(uid)
             continue
-        cache.put(uid, written_entry(plan, wr, rows.get(uid), hists.get(uid, NO_HISTORY), hour_ms, version.history_len))
+        cache.put(uid, written_entry(plan, wr.row, rows.get(uid), hists.get(uid, NO_HISTORY), hour_ms, version.history_len))
 
 
 def hour_writes(

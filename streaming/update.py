@@ -26,14 +26,16 @@ what the correction assumes.
 Only the rows move. The arithmetic is numpy float32 on read-only copies of the frozen weights
 (``models.towers.UserTowerArrays``: the user tower with its row backward written out; the
 softmax's gradient is closed-form, (p - w) . V / tau), so the model's parameters stay bitwise
-unchanged (tests check it). An hour of one or two users is ~100 small array ops, whose cost is
-per op: about 0.12 ms in numpy against 0.9 ms as torch ops. Adagrad state starts fresh each
-hour (nothing to store per row, and the step is a pure function of the row and the hour's events).
+unchanged (tests check it). Adagrad state starts fresh each hour (nothing to store per row, and
+the step is a pure function of the row and the hour's events).
 
-Determinism (needed for exactly-once): each user's new row depends only on that user's
-inputs. The loss is a sum of per-user terms and every op is row-wise, so other rows' values do
-not enter; the batch SHAPE still selects BLAS kernels, so users are processed in fixed chunks of
-the hour's sorted user list (``chunks``), whatever subset of them a restart still has to write.
+Determinism (needed for exactly-once): each user's new row depends only on that user's inputs.
+The loss is a sum of per-user terms and every op is row-wise, so other rows' values do not
+enter; array SHAPES still select BLAS kernels and summation orders, so every row is computed in
+a block of fixed shape, the same in every attempt at its hour (``run_jobs``). That also lets a
+batch of hours share its array calls: an update step costs ~40 numpy calls of a microsecond or
+more each whatever their size, and a backlog of sparse hours (MovieLens: one or two users an
+hour) paid them per hour; now it pays them per pass over the batch.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ import torch
 
 from models.towers import UserTowerArrays
 from streaming.windows import HOUR_MS
+
+LARGE_HOUR = 16
+"""Row updates from which an hour is cut into blocks of many users instead of one (``block_size``)."""
+MAX_BLOCK = 512
+"""Most users in one block."""
+NO_HISTORY = np.zeros(0, dtype=np.int32)
 
 ONE_WEIGHT = np.ones(1, dtype=np.float32)
 ONE_WEIGHT.flags.writeable = False  # shared by every single-event user
@@ -83,16 +91,6 @@ def user_targets(item_idx: list[int], weights: list[float]) -> UserTargets | Non
         return None
     items = np.array(sorted(merged), dtype=np.int64)
     return UserTargets(items, np.array([merged[i] / total for i in items], dtype=np.float32))
-
-
-def chunk_size(n_items: int, logit_budget: int, max_chunk: int = 512) -> int:
-    """Users per chunk so that a chunk's logits (users x items) stay within ``logit_budget`` floats."""
-    return int(max(1, min(max_chunk, logit_budget // max(1, n_items + 1))))
-
-
-def chunks(n: int, size: int) -> list[range]:
-    """Consecutive index ranges of at most ``size`` covering ``range(n)`` (deterministic shapes)."""
-    return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -201,20 +199,45 @@ class RowUpdateArrays:
         vectors = table[window] if table is not None else np.take(self.item_vectors, twice[window], axis=0)
         return Negatives(twice[window], vectors, position, start, float(np.log(n / n_negatives)))
 
-    def context(self, user_idx: list[int], hists: list[np.ndarray]) -> np.ndarray:
+    def context(self, user_idx: list[int] | np.ndarray, hists: list[np.ndarray]) -> np.ndarray:
         """The users' tower context (pooled attributes ⊕ pooled history), float32 [B, c]:
         vocabulary index ``user_idx`` (0, or beyond the table: no attributes) and histories
-        (item_idx, oldest first; the newest ``history_len`` of the model count)."""
-        if len(user_idx) == 1:  # most hours: a view of the table's row, no gather
-            i = user_idx[0]
-            attrs = self.user_attr_context[i if 0 <= i < len(self.user_attr_context) else 0][None, :]
-        else:
-            idx = np.asarray(user_idx, dtype=np.int64)
-            idx[idx >= len(self.user_attr_context)] = 0
-            attrs = self.user_attr_context[idx]
+        (item_idx, oldest first; the newest ``history_len`` of the model count). One gather and
+        one history matrix whatever B is, so a user's context does not depend on the others."""
+        idx = np.array(user_idx, dtype=np.int64)
+        idx[(idx < 0) | (idx >= len(self.user_attr_context))] = 0
+        attrs = self.user_attr_context[idx]
         if not self.tower.use_history:
             return attrs
         return np.concatenate([attrs, self.tower.history_context(hists)], axis=1)
+
+
+@dataclass(slots=True, eq=False)
+class RowJob:
+    """One user's row update in one hour: the inputs and, once computed, ``out`` (float32 [e]).
+
+    ``start`` is the row before the hour, or the job of the same user's previous hour in the
+    same batch, whose ``out`` it is (a batch plans all its hours before computing any)."""
+
+    hour: int
+    """The hour, in hours since the epoch (it picks the negatives)."""
+    start: "np.ndarray | RowJob"
+    user_idx: int
+    """Vocabulary index (0: unknown user)."""
+    hist: np.ndarray
+    """int item_idx of the user's history before the hour, oldest first."""
+    targets: UserTargets
+    out: np.ndarray | None = None
+    level: int = 0
+    """Computed in the level-th pass over the batch (0: its start row is known)."""
+
+    def start_row(self) -> np.ndarray:
+        start = self.start
+        if isinstance(start, RowJob):
+            if start.out is None:
+                raise RuntimeError("a row update was computed before the update it starts from")
+            return start.out
+        return start
 
 
 def hour_rows(
@@ -223,115 +246,212 @@ def hour_rows(
     """One hour's new rows: float32 [B, e] from the start ``rows[B, e]`` of B users (vocabulary
     index ``user_idx``, 0 = unknown), their histories before the hour (item_idx int arrays,
     oldest first) and targets; ``version`` a streaming.version.LoadedVersion, ``cfg`` the
-    IncrementalConfig. The hour's negatives are the hour's window of the version's permutation,
-    and the users are processed in fixed chunks of the given order, so a row comes out of the
-    same shapes in every attempt at the hour."""
-    arrays: RowUpdateArrays = version.update_arrays
-    negatives = arrays.negatives(cfg.negatives, hour_ms // HOUR_MS)
-    size = chunk_size(len(negatives.idx), cfg.logit_budget)
-    # a chunk's positives are padded to its widest user: [chunk, P, d] floats. One heavy user (a
-    # bot with thousands of events in an hour) would make that gigabytes at 512 users a chunk,
-    # so the hour's widest user bounds the chunk too (a function of the hour's content: every
-    # attempt chunks alike)
-    widest = max((len(t.items) for t in targets), default=1)
-    size = max(1, min(size, cfg.logit_budget // (widest * (arrays.item_vectors.shape[1] + 1) + len(negatives.idx))))
-    out = np.empty((len(rows), rows.shape[1]), dtype=np.float32)
-    for rng in chunks(len(rows), size):
-        sl = slice(rng.start, rng.stop)
-        out[sl] = update_rows(arrays, negatives, rows[sl], arrays.context(user_idx[sl], hists[sl]), targets[sl], cfg.steps, cfg.lr)
-    return out
+    IncrementalConfig (see ``run_jobs``)."""
+    hour = hour_ms // HOUR_MS
+    jobs = [RowJob(hour, rows[b], user_idx[b], hists[b], targets[b]) for b in range(len(rows))]
+    run_jobs(version, [jobs], cfg)
+    return np.stack([job.out for job in jobs]) if jobs else np.empty((0, rows.shape[1]), dtype=np.float32)
 
 
-def update_rows(
-    arrays: RowUpdateArrays, negatives: Negatives, rows: np.ndarray, context: np.ndarray, targets: list[UserTargets], steps: int, lr: float
-) -> np.ndarray:
-    """Run ``steps`` Adagrad steps on ``rows[B, e]`` and return the new rows, float32 [B, e].
+def run_jobs(version, hours: list[list[RowJob]], cfg, after_level=None) -> None:
+    """Compute every job of ``hours`` (each hour's jobs in the hour's user order), filling
+    ``out``; ``after_level()`` is called after each pass (the batch sends the writes whose
+    rows are known by then).
 
-    ``context[B, c]`` is the users' tower context (``RowUpdateArrays.context``), ``targets`` one
-    UserTargets per row. The softmax of user b runs over [its P positives | the negatives that
-    are not among them]; with the full corpus as negatives that is every item exactly once. The
-    batch is processed as given (callers chunk it).
-
-    An hour is ~80 numpy calls of a microsecond or two each, so their count is the cost. The
-    softmax gradient stays (p - w) . V and not E_p[v] - w . V (one call fewer): the latter
-    cancels when p is close to w and loses digits that Adagrad's first step amplifies.
+    Why blocks: a row must come out of the same arithmetic in every attempt at its hour (exactly
+    once), yet a batch of hours should cost a few array calls, not a few per hour. So each
+    hour's users are cut into consecutive blocks (``block_size``: a function of the hour's
+    content alone), and every array operation works on a stack of blocks of one size: matmuls
+    over [block, k] matrices, reductions over a fixed length, positive slots padded at the end
+    where only sequential sums run over them. A row's result is then the same whatever blocks
+    and padding share the call (numpy runs a stacked matmul block by block), and the batch can
+    compute every block whose start rows are known in one pass: pass 0 holds each user's first
+    hour of the batch, pass k the blocks that need a row from pass k - 1. One hour alone is one
+    pass. (tests/test_stream_update.py holds rows to that, bit for bit.)
     """
-    if len(targets) != len(rows):
-        raise ValueError(f"{len(targets)} target lists for {len(rows)} rows")
+    run_levels(version, assign_levels(hours, version.update_arrays, cfg), cfg, after_level)
+
+
+Block = list  # list[RowJob]: one block's jobs
+
+
+def assign_levels(hours: list[list[RowJob]], arrays: "RowUpdateArrays", cfg) -> list[list[Block]]:
+    """Cut each hour's jobs into blocks and set every job's ``level``: the blocks of each pass,
+    pass 0 first (see ``run_jobs``)."""
+    levels: list[list[Block]] = []
+    for jobs in hours:
+        size = block_size(jobs, arrays, cfg)
+        for i in range(0, len(jobs), size):
+            block = jobs[i : i + size]
+            level = max(job.start.level + 1 if isinstance(job.start, RowJob) else 0 for job in block)
+            for job in block:
+                job.level = level
+            while len(levels) <= level:
+                levels.append([])
+            levels[level].append(block)
+    return levels
+
+
+def run_levels(version, levels: list[list[Block]], cfg, after_level=None) -> None:
+    """Compute the passes of ``assign_levels`` in order; ``after_level(k)`` after pass k."""
+    arrays: RowUpdateArrays = version.update_arrays
+    for k, blocks in enumerate(levels):
+        for stack in _stacks(blocks, arrays, cfg):
+            _compute_stack(arrays, stack, cfg)
+        if after_level is not None:
+            after_level(k)
+
+
+def block_size(jobs: list[RowJob], arrays: "RowUpdateArrays", cfg) -> int:
+    """Users per block in an hour of these row updates (a function of the hour's content). A
+    small hour (the common sparse case: one or two users) has a block per user, which the
+    passes of a batch stack across hours. A large hour is cut into chunks of up to
+    MAX_BLOCK users, for BLAS's matrix-matrix products; its widest user bounds them too,
+    since a block's positives are padded to it ([block, P, d] floats within the budget: one
+    heavy user, a bot with thousands of events in an hour, would otherwise make gigabytes)."""
+    if len(jobs) < LARGE_HOUR:
+        return 1
+    widest = max(len(job.targets.items) for job in jobs)
+    n_neg = cfg.negatives if 0 < cfg.negatives < arrays.n_items else arrays.n_items
+    d = arrays.item_vectors.shape[1]
+    return int(max(1, min(MAX_BLOCK, cfg.logit_budget // (widest * (d + 1) + n_neg))))
+
+
+def _widest(block: Block) -> int:
+    return max(len(job.targets.items) for job in block)
+
+
+def _stacks(blocks: list[Block], arrays: "RowUpdateArrays", cfg) -> list[list[Block]]:
+    """A pass's blocks in stacks of one block size (and one hour for large blocks). Positives are
+    padded to the stack's widest block, so blocks go in order of width, and beyond 8 positives a
+    stack holds one power-of-two class of widths (at most 2x padding: a heavy user does not widen
+    everyone, while the common narrow blocks share one stack); its arrays stay within
+    ``cfg.logit_budget`` floats."""
+    n_neg = cfg.negatives if 0 < cfg.negatives < arrays.n_items else arrays.n_items
+    d = arrays.item_vectors.shape[1]
+    stacks: list[list[Block]] = []
+    current: list[Block] = []
+    current_kind: tuple = ()
+    for block in sorted(blocks, key=lambda b: (len(b), b[0].hour if len(b) > 1 else 0, _widest(b))):
+        width = _widest(block)
+        per_block = len(block) * (width * (d + 2) + 2 * n_neg) + n_neg * d
+        # width class 3: every width up to 8; a large hour's blocks stack with their own hour's
+        # only, so they read its negatives once ([1, C, d]) instead of a copy per block
+        kind = (len(block), max(3, (width - 1).bit_length()), block[0].hour if len(block) > 1 else None)
+        if current and (kind != current_kind or (len(current) + 1) * per_block > cfg.logit_budget):
+            stacks.append(current)
+            current = []
+        current.append(block)
+        current_kind = kind
+    if current:
+        stacks.append(current)
+    return stacks
+
+
+def _compute_stack(arrays: "RowUpdateArrays", blocks: list[Block], cfg) -> None:
+    """Pad the blocks' positives to the widest, run the update on the stack (blocks of one size),
+    fill ``out``."""
+    n, size, width = len(blocks), len(blocks[0]), max(_widest(block) for block in blocks)
+    rows = np.zeros((n, size, arrays.tower.w_row.shape[1]), dtype=np.float32)
+    items = np.zeros((n, size, width), dtype=np.int64)
+    weights = np.zeros((n, size, width), dtype=np.float32)
+    user_idx = np.zeros(n * size, dtype=np.int64)
+    hists = [NO_HISTORY] * (n * size)
+    hours = []
+    for b, block in enumerate(blocks):
+        for k, job in enumerate(block):
+            rows[b, k] = job.start_row()
+            m = len(job.targets.items)
+            items[b, k, :m] = job.targets.items
+            weights[b, k, :m] = job.targets.weights
+            user_idx[b * size + k] = job.user_idx
+            hists[b * size + k] = job.hist
+        hours.append(block[0].hour)
+    context = arrays.context(user_idx, hists).reshape(n, size, -1)
+    negatives = [arrays.negatives(cfg.negatives, hour) for hour in hours]
+    out = update_blocks(arrays, negatives, rows, context, items, weights, cfg.steps, cfg.lr, one_hour=size > 1)
+    for b, block in enumerate(blocks):
+        for k, job in enumerate(block):
+            job.out = out[b, k].copy()  # a copy: a view would pin the whole stack
+
+
+def update_blocks(
+    arrays: "RowUpdateArrays", negatives: list[Negatives], rows: np.ndarray, context: np.ndarray,
+    items: np.ndarray, item_w: np.ndarray, steps: int, lr: float, one_hour: bool = False,
+) -> np.ndarray:
+    """Run ``steps`` Adagrad steps on ``rows[n, block, e]`` and return the new rows (same shape).
+
+    Block b belongs to the hour whose ``negatives[b]`` it normalises over (all one hour when
+    ``one_hour``); ``context[n, block, c]``
+    is the users' tower context (``RowUpdateArrays.context``), ``items``/``item_w`` [n, block, P]
+    their positives, padded with item 0 / weight 0. The softmax of each user runs over [its
+    positives | the negatives that are not among them]; with the full corpus as negatives that is
+    every item exactly once.
+
+    The positives and the negatives are separate arrays: the negatives' logits are [block, C]
+    matmuls of a fixed shape, the positives' are elementwise products summed over d, and every
+    sum over the positive slots runs in slot order (cumsum, or a reduction over a non-last
+    axis), so padded slots (exp(-inf) = 0, weight 0, at the end) change nothing. The softmax
+    gradient stays (p - w) . V and not E_p[v] - w . V: the latter cancels when p is close to w
+    and loses digits that Adagrad's first step amplifies.
+    """
     tower, inv_tau = arrays.tower, arrays.inv_tau
-    items, item_w = padded_targets(targets)  # [B, P]
-    n_pos = items.shape[1]
-    pos_v = arrays.item_vectors[items]  # [B, P, d]; padded slots gather row 0 with weight 0
-    neg_v = negatives.vectors  # [C, d]
-    neg_vt = neg_v.T  # [d, C], a view: BLAS reads it transposed
-    bias = logit_bias(negatives, items, item_w)  # [B, P + C]
+    first = negatives[0]
+    full = first.log_correction == 0.0 and len(first.idx) == arrays.n_items
+    # the full corpus is the same for every block, and so are the negatives of a stack of one
+    # hour's blocks (``one_hour``, decided by the block size, hence the same in every attempt):
+    # one [1, C, d] read by all; otherwise each block's hour has a window of its own
+    neg_v = first.vectors[None] if full or one_hour else np.stack([g.vectors for g in negatives])  # [n | 1, C, d]
+    neg_vt = neg_v.swapaxes(1, 2)  # a view: BLAS reads it transposed
+    pos_v = arrays.item_vectors[items]  # [n, block, P, d]; padded slots gather row 0
+    pos_bias, neg_bias = logit_biases(negatives, items, item_w)
     # softmax is shift-invariant; the usual max shift only keeps exp in float32's range, which
     # |logit| <= max |v| / tau + correction <= 60 already does (tau 0.05: 20 + log(N / C))
-    shift = arrays.max_logit + negatives.log_correction > 60.0
+    shift = arrays.max_logit + first.log_correction > 60.0
     hidden_context = tower.hidden_context(context)
     row = np.asarray(rows, dtype=np.float32)  # each step makes a new array: the caller's stays untouched
     state_sum = None
     for _ in range(steps):
-        fwd = tower.row_forward(row, hidden_context, scale=inv_tau)  # fwd.v = u / tau
-        s = bias.work  # logits of [positives | negatives], each part written in place
-        np.matmul(fwd.v, neg_vt, out=s[:, n_pos:])
-        np.matmul(pos_v, fwd.v[:, :, None], out=s[:, :n_pos, None])
-        s += bias.values
+        fwd = tower.row_forward(row, hidden_context, scale=inv_tau)  # fwd.v = u / tau, [n, block, d]
+        neg = np.matmul(fwd.v, neg_vt)  # [n, block, C]
+        neg += neg_bias
+        pos = (pos_v * fwd.v[:, :, None, :]).sum(axis=-1)  # [n, block, P]
+        pos += pos_bias
         if shift:
-            s -= s.max(axis=1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=1, keepdims=True)  # the softmax p over [positives | negatives]
-        s[:, :n_pos] -= item_w  # dL/ds = p - w on the positives, p on the negatives
-        grad_v = np.matmul(s[:, None, :n_pos], pos_v)[:, 0]  # dL/d(u / tau)
-        grad_v += np.dot(s[:, n_pos:], neg_v)
+            top = np.maximum(neg.max(axis=-1), pos.max(axis=-1))[..., None]
+            neg -= top
+            pos -= top
+        np.exp(neg, out=neg)
+        np.exp(pos, out=pos)
+        total = neg.sum(axis=-1, keepdims=True)
+        total += np.cumsum(pos, axis=-1)[..., -1:]
+        neg /= total  # the softmax p over [positives | negatives]
+        pos /= total
+        pos -= item_w  # dL/ds = p - w on the positives, p on the negatives
+        grad_v = np.matmul(neg, neg_v)  # dL/d(u / tau), [n, block, d]
+        grad_v += (pos[..., None] * pos_v).sum(axis=-2)
         row, state_sum = adagrad_step(row, tower.row_backward(grad_v, fwd), state_sum, lr)
     return row if steps > 0 else row.copy()
 
 
-def padded_targets(targets: list[UserTargets]) -> tuple[np.ndarray, np.ndarray]:
-    """(items int64 [B, P], weights float32 [B, P]) padded with item 0 / weight 0."""
-    if len(targets) == 1:
-        return targets[0].items[None, :], targets[0].weights[None, :]
-    widths = {len(t.items) for t in targets}
-    if len(widths) == 1:  # nothing to pad (e.g. one event per user): one concatenation each
-        shape = (len(targets), widths.pop())
-        return np.concatenate([t.items for t in targets]).reshape(shape), np.concatenate([t.weights for t in targets]).reshape(shape)
-    width = max(widths)
-    items = np.zeros((len(targets), width), dtype=np.int64)
-    weights = np.zeros((len(targets), width), dtype=np.float32)
-    for b, t in enumerate(targets):
-        items[b, : len(t.items)] = t.items
-        weights[b, : len(t.items)] = t.weights
-    return items, weights
-
-
-class LogitBias(NamedTuple):
-    """``values``: what is added to the logits [B, P + C] of [positives | negatives]; ``work``:
-    an uninitialised array of that shape for the logits themselves (one allocation per hour)."""
-
-    values: np.ndarray
-    work: np.ndarray
-
-
-def logit_bias(negatives: Negatives, items: np.ndarray, item_w: np.ndarray) -> LogitBias:
-    """What is added to the logits [B, P + C] of [positives | negatives]: -inf on padded
-    positive slots and where a negative is one of the user's own positives (it is counted
-    once, as a positive), the sample's log correction on the other negatives."""
-    n_pos = items.shape[1]
-    bias = np.empty((len(items), n_pos + len(negatives.idx)), dtype=np.float32)
-    bias[:, :n_pos] = 0.0
-    bias[:, n_pos:] = negatives.log_correction
-    col, hit = negatives.columns(items)
-    padded = item_w <= 0  # slots of users with fewer positives than the chunk's widest
-    if padded.any():
-        bias[:, :n_pos][padded] = -np.inf
-        hit &= ~padded
-    if len(items) == 1:
-        bias[0, col[0][hit[0]] + n_pos] = -np.inf
-    else:
-        b, p = np.nonzero(hit)
-        bias[b, col[b, p] + n_pos] = -np.inf
-    return LogitBias(bias, np.empty_like(bias))
+def logit_biases(negatives: list[Negatives], items: np.ndarray, item_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What is added to the logits of the positives [n, block, P] and of the negatives
+    [n, block, C]: -inf on padded positive slots (weight 0) and where a negative is one of the
+    user's own positives (it is counted once, as a positive), the sample's log correction on
+    the other negatives."""
+    first = negatives[0]
+    padded = item_w <= 0
+    pos_bias = np.where(padded, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
+    n_neg = len(first.idx)
+    neg_bias = np.full((*items.shape[:2], n_neg), first.log_correction, dtype=np.float32)
+    starts = np.array([g.start for g in negatives], dtype=np.int64)[:, None, None]
+    col = first.position[items]
+    col -= starts
+    col %= len(first.position) - 1
+    hit = (col < n_neg) & ~padded
+    b, k, p = np.nonzero(hit)
+    neg_bias[b, k, col[b, k, p]] = -np.inf
+    return pos_bias, neg_bias
 
 
 def adagrad_step(

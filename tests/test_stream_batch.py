@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import random
 
+import pytest
+
 from streaming.batch import apply_batch
 from streaming.events import Event
 from streaming.hour import apply_hour
@@ -19,14 +21,16 @@ from tests.test_stream_update import H0, buffered, ev, snapshot, version  # noqa
 MIN_EVENTS = 2
 
 
-def random_hours(n_hours: int, seed: int) -> list[list[Event]]:
-    """Known users u1..u12 and new users n1..n6 (cold start after MIN_EVENTS), known items and a
-    few unknown ones, one to five events per active user-hour, weights 0 to 3."""
+def random_hours(n_hours: int, seed: int, users_per_hour: list[int] | None = None) -> list[list[Event]]:
+    """Known users u1..u24 and new users n1..n6 (cold start after MIN_EVENTS), known items and a
+    few unknown ones, one to five events per active user-hour, weights 0 to 3; 8 users an hour
+    unless ``users_per_hour`` says otherwise."""
     rng = random.Random(seed)
     hours, k = [], 0
+    pool = [f"u{i}" for i in range(1, 25)] + [f"n{i}" for i in range(1, 7)]
     for h in range(n_hours):
         events = []
-        for user in rng.sample([f"u{i}" for i in range(1, 13)] + [f"n{i}" for i in range(1, 7)], 8):
+        for user in rng.sample(pool[:12] + pool[24:] if users_per_hour is None else pool, 8 if users_per_hour is None else users_per_hour[h]):
             for _ in range(rng.randint(1, 5)):
                 k += 1
                 item = f"i{rng.randint(1, 30)}" if rng.random() > 0.1 else f"x{rng.randint(1, 3)}"
@@ -49,9 +53,13 @@ def settings_for_batch(settings):
     return settings.replace("incremental", min_events_new_user=MIN_EVENTS)
 
 
-def test_a_batch_writes_what_one_hour_at_a_time_writes(settings, redis_client, version):
+@pytest.mark.parametrize(
+    "users_per_hour",
+    [None, [20, 3, 25, 1, 2, 18, 30, 1, 4]],  # small hours only (a block per user), and small between large (streaming.update.block_size)
+)
+def test_a_batch_writes_what_one_hour_at_a_time_writes(settings, redis_client, version, users_per_hour):
     s = settings_for_batch(settings)
-    hours = random_hours(9, seed=3)
+    hours = random_hours(9, seed=3, users_per_hour=users_per_hour)
     plain = s.redis.prefix + "-plain"
     copy_prefix(redis_client, s.redis.prefix, plain)
     try:

@@ -11,7 +11,7 @@ from models.features import history_tensor
 from streaming.events import Event
 from streaming.hour import apply_hour
 from streaming.state import StreamState, decode_row, encode_row
-from streaming.update import RowUpdateArrays, chunk_size, hour_rows, user_targets
+from streaming.update import RowUpdateArrays, hour_rows, user_targets
 from streaming.version import load_version
 from streaming.windows import Buffered
 from tests.kafka_fixtures import BASE_MS, HOUR, publish_tiny, write_tiny_artifact
@@ -141,7 +141,6 @@ def test_user_targets_merges_repeats_and_drops_unknown_items():
     assert t.items.tolist() == [2, 4] and np.allclose(t.weights, [0.5, 0.5])
     assert user_targets([0, 0], [1.0, 1.0]) is None
     assert user_targets([3], [0.0]) is None
-    assert chunk_size(1000, 16_000_000) == 512 and chunk_size(10_000_000, 16_000_000) == 1
 
 
 def test_the_hours_negatives_are_windows_of_one_seeded_permutation(version):
@@ -338,27 +337,31 @@ def test_the_user_cache_is_bounded_and_dropped_whole_on_an_error(settings, redis
     assert len(cache) == 0
 
 
-def test_a_heavy_user_makes_the_hours_chunks_smaller(settings, version, monkeypatch):
-    """Positives are padded to the widest user of a chunk ([chunk, P, d] floats): the hour's
-    widest user bounds the chunk so that stays within the logit budget."""
+def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
+    """Positives are padded to the widest block of a stack ([n, block, P, d] floats): stacks are
+    cut so that stays within the logit budget, and the rows are the same as with one stack."""
     import dataclasses
 
     import streaming.update as update
 
     seen: list[tuple[int, int]] = []
-    real = update.update_rows
+    real = update.update_blocks
 
-    def spy(arrays, negatives, rows, context, targets, steps, lr):
-        seen.append((len(rows), max(len(t.items) for t in targets)))
-        return real(arrays, negatives, rows, context, targets, steps, lr)
+    def spy(arrays, negatives, rows, context, items, item_w, steps, lr, one_hour=False):
+        seen.append((len(rows), items.shape[2]))
+        return real(arrays, negatives, rows, context, items, item_w, steps, lr, one_hour)
 
-    monkeypatch.setattr(update, "update_rows", spy)
-    cfg = dataclasses.replace(settings.incremental, logit_budget=20_000, negatives=10)
+    monkeypatch.setattr(update, "update_blocks", spy)
+    cfg = dataclasses.replace(settings.incremental, logit_budget=8_000, negatives=10)
     d = version.item_vectors.shape[1]
     heavy = user_targets(list(range(1, 31)), [1.0] * 30)
     light = [user_targets([i % 30 + 1], [1.0]) for i in range(40)]
     targets = [heavy] + light
     rows = np.stack([version.model_row(1)] * len(targets))
-    out = update.hour_rows(version, rows, [1] * len(targets), [np.zeros(0, dtype=np.int32)] * len(targets), targets, H0, cfg)
+    no_history = [np.zeros(0, dtype=np.int32)] * len(targets)
+    out = update.hour_rows(version, rows, [1] * len(targets), no_history, targets, H0, cfg)
     assert out.shape == rows.shape and np.isfinite(out).all()
-    assert len(seen) > 1 and all(b * 30 * d <= cfg.logit_budget for b, _ in seen)
+    assert len(seen) > 1 and all(n == 1 or n * update.LARGE_BLOCK * p * d <= cfg.logit_budget for n, p in seen)
+    assert sorted(p for _, p in seen)[-1] == 30 and min(p for _, p in seen) == 1  # the heavy user's block alone is wide
+    whole = update.hour_rows(version, rows, [1] * len(targets), no_history, targets, H0, dataclasses.replace(cfg, logit_budget=10**9))
+    assert np.array_equal(out, whole)
