@@ -173,6 +173,36 @@ end
 return out
 """
 
+# RECORD: KEYS = the version's hour zset, then one counter hash per hour; ARGV = ttl (s), the
+# oldest hour to keep in the zset (ms), then per hour: hour (ms), n, and n field/value pairs.
+# What a pipeline of HSET + EXPIRE per hour, ZADD and ZREMRANGEBYSCORE did, in one call (the
+# client packs one command instead of two per hour: a backlog's batch holds 168 hours).
+RECORD_WINDOWS_LUA = """
+local ttl = ARGV[1]
+local a = 3
+local members = {}
+for k = 2, #KEYS do
+  local hour = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  if n > 0 then
+    redis.call('HSET', KEYS[k], unpack(ARGV, a + 2, a + 1 + 2 * n))
+    redis.call('EXPIRE', KEYS[k], ttl)
+  end
+  members[#members + 1] = hour
+  members[#members + 1] = hour
+  if #members >= 1000 then  -- a bounded unpack (Lua's C stack)
+    redis.call('ZADD', KEYS[1], unpack(members))
+    members = {}
+  end
+  a = a + 2 + 2 * n
+end
+if #members > 0 then
+  redis.call('ZADD', KEYS[1], unpack(members))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
+return 1
+"""
+
 SAVE_CHECKPOINTS_LUA = """
 local written = 0
 for i = 1, #ARGV, 4 do
@@ -260,6 +290,7 @@ class StreamState:
         self._apply = client.register_script(APPLY_USERS_LUA)
         self._read = client.register_script(READ_USERS_LUA)
         self._save = client.register_script(SAVE_CHECKPOINTS_LUA)
+        self._record = client.register_script(RECORD_WINDOWS_LUA)
 
     def key(self, name: str) -> str:
         return rk.incremental(self.p, name)
@@ -387,20 +418,18 @@ class StreamState:
         self.record_windows(version, [(hour_ms, per_partition)])
 
     def record_windows(self, version: str, hours: list[tuple[int, dict[int, dict[str, int]]]]) -> None:
-        """``record_window`` for several hours in one round trip."""
+        """``record_window`` for several hours in one round trip (one script call)."""
         if not hours:
             return
-        pipe = self.r.pipeline(transaction=False)
+        keys = [self.key(f"windows:{version}")]
+        args: list[int | str] = [WINDOW_STATS_TTL_S, max(h for h, _ in hours) - WINDOW_STATS_TTL_S * 1000]
         for hour_ms, per_partition in hours:
-            key = self.key(f"win:{version}:{hour_ms}")
-            mapping = {f"{name}:{p}": int(v) for p, counts in per_partition.items() for name, v in counts.items()}
-            if mapping:
-                pipe.hset(key, mapping=mapping)
-                pipe.expire(key, WINDOW_STATS_TTL_S)
-        pipe.zadd(self.key(f"windows:{version}"), {str(h): h for h, _ in hours})
-        newest = max(h for h, _ in hours)
-        pipe.zremrangebyscore(self.key(f"windows:{version}"), "-inf", f"({newest - WINDOW_STATS_TTL_S * 1000}")
-        pipe.execute()
+            keys.append(self.key(f"win:{version}:{hour_ms}"))
+            pairs = [(f"{name}:{p}", int(v)) for p, counts in per_partition.items() for name, v in counts.items()]
+            args += [hour_ms, len(pairs)]
+            for field_, value in pairs:
+                args += [field_, value]
+        self._record(keys=keys, args=args)
 
     def window_counts(self, version: str, hour_ms: int) -> dict[str, int]:
         """Counts of one hour summed over partitions: users, events, unknown, new."""

@@ -46,3 +46,29 @@ def test_a_thread_applier_does_not_apply_the_batch_queued_behind_a_failed_one(se
         assert applied == []
     finally:
         kind.close()
+
+
+def test_hour_counters_of_a_batch_land_as_one_hour_at_a_time(settings, redis_client):
+    """record_windows (one script call for a batch) leaves what record_window per hour leaves:
+    per-partition counters with their expiry, and the version's hour set."""
+    from streaming.state import WINDOW_STATS_TTL_S, StreamState
+
+    hours = [(3_600_000 * h, {p: {"users": h + p, "events": 2 * h + p} for p in range(h % 3)}) for h in range(1, 700)]
+    one, batch = StreamState(redis_client, settings.redis.prefix + "-one"), StreamState(redis_client, settings.redis.prefix + "-batch")
+    try:
+        for hour, counts in hours:
+            one.record_window("v1", hour, counts)
+        batch.record_windows("v1", hours)
+        newest = hours[-1][0]
+        kept = [h for h, _ in hours if h >= newest - WINDOW_STATS_TTL_S * 1000]  # the set keeps the TTL's span
+        assert len(kept) < len(hours)
+        for state in (one, batch):
+            assert state.applied_windows("v1") == kept
+            assert state.window_counts("v1", 3_600_000 * 5) == {"users": 11, "events": 21}
+            assert state.window_counts("v1", 3_600_000 * 3) == {}  # no partition had events
+            assert 0 < redis_client.ttl(state.key(f"win:v1:{3_600_000 * 5}")) <= WINDOW_STATS_TTL_S
+        assert redis_client.hgetall(one.key(f"win:v1:{3_600_000 * 698}")) == redis_client.hgetall(batch.key(f"win:v1:{3_600_000 * 698}"))
+    finally:
+        for prefix in (settings.redis.prefix + "-one", settings.redis.prefix + "-batch"):
+            for key in redis_client.scan_iter(match=f"{prefix}:*"):
+                redis_client.unlink(key)
