@@ -28,7 +28,7 @@ State used to answer hour t (everything strictly before t; nothing of hour t lea
   * attributes: the model's attribute row of the user's vocabulary index (none when unknown).
 
 The hourly row updates (``HourlyRows``) call the product's own update code,
-streaming.hour.plan_users and streaming.hour.compute_rows (hence streaming.update.hour_rows),
+streaming.hour.plan_users and streaming.hour.compute_rows (hence streaming.update.run_jobs),
 with the hour's events grouped by streaming.windows.events_by_user and histories as of the
 hour's start. The rows live in a dict here instead of Redis: what is measured is model quality,
 and the consumer's Kafka/Redis plumbing is exactly-once (its own tests prove the rows equal an

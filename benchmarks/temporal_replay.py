@@ -14,7 +14,7 @@ excluded, hit@50), for:
   (a) the frozen nightly model, histories as of the cutoff;
   (b) the frozen nightly model, live histories (every event before the target hour);
   (c) (b) plus the hourly user-ID row updates, computed by the product's update code
-      (streaming.hour.plan_users / compute_rows, streaming.update.update_rows) with the
+      (streaming.hour.plan_users / compute_rows, streaming.update.update_blocks) with the
       IncrementalConfig of load_settings(), so TT_INCREMENTAL_* overrides are what is measured;
       the rows are kept in memory instead of Redis (see benchmarks.replay_sim);
   (d) a full retrain each day: prepare + train on everything up to the end of each replayed day,
@@ -499,7 +499,7 @@ def render(result: dict[str, Any]) -> list[str]:
         "",
         f"- Models: the product's Spark prepare + trainer (jobs.nightly stage_prepare, stage_train), {result['train_epochs']} epochs "
         f"(product default {result['product_default_epochs']}), one set per training seed; exact ranking (no index).",
-        f"- Hourly updates: the product's plan_users / compute_rows / update_rows with steps={inc['steps']}, lr={inc['lr']:g}, "
+        f"- Hourly updates: the product's plan_users / compute_rows / update_blocks with steps={inc['steps']}, lr={inc['lr']:g}, "
         f"min_events_new_user={inc['min_events_new_user']} (load_settings()); rows kept in memory instead of Redis.",
         "- Query: a user active in hour h+1; targets: the items of their h+1 events they had not interacted with before; "
         "the whole corpus ranked with every item seen before h+1 excluded; hit@50 = at least one target in the top 50. "

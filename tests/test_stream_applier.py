@@ -72,3 +72,29 @@ def test_hour_counters_of_a_batch_land_as_one_hour_at_a_time(settings, redis_cli
         for prefix in (settings.redis.prefix + "-one", settings.redis.prefix + "-batch"):
             for key in redis_client.scan_iter(match=f"{prefix}:*"):
                 redis_client.unlink(key)
+
+
+def test_the_wire_carries_a_batch_of_hours_unchanged():
+    """encode_hours -> JSON -> decode_hours gives back every event and its partition, whatever
+    the ids hold (quotes, backslashes, non-ASCII; never control characters: they are refused
+    upstream), and an empty hour; a frame whose columns disagree is an error."""
+    import json
+
+    from streaming.applier import decode_hours, encode_hours
+    from streaming.events import Event
+    from streaming.windows import Buffered
+
+    def buffered(p, *event):
+        return Buffered(p, 7, Event(*event), 1, 2, 3)
+
+    hours = [
+        (3_600_000, [buffered(0, "e1", 'u"1\\', "i1", "click", 3_600_001, 1.0), buffered(3, "é2", "ü", "i 2", "a:b", 3_600_002, 0.5)]),
+        (7_200_000, []),
+        (10_800_000, [buffered(1, "e3", "u3", "{x}", "view", 10_800_000, 2.0)]),
+    ]
+    back = decode_hours(json.loads(json.dumps(encode_hours(hours))))
+    assert [(h, [(b.partition, b.event) for b in events]) for h, events in back] == [(h, [(b.partition, b.event) for b in events]) for h, events in hours]
+    wire = encode_hours(hours)
+    wire[0][2] += "\textra"
+    with pytest.raises(ValueError, match="malformed batch"):
+        decode_hours(wire)
