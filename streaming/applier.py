@@ -11,7 +11,7 @@ small tensor ops) each need about a core at full speed, and as two threads of on
 they take turns on one lock. In two processes they run side by side, at the price of a second
 interpreter (imports and the version loaded again: 1-2 s at start, the model's memory twice).
 On the 2-core reference machine, where Redis and the broker share those cores, the process
-applies a backlog about 5% faster (benchmarks/RESULTS.md); the thread stays the default for its
+applies a backlog 8-18% faster (benchmarks/RESULTS.md); the thread stays the default for its
 quicker start and single copy of the model.
 
 The worker is part of the consumer, not a service: it holds the loaded version and the user
