@@ -425,10 +425,8 @@ class StreamState:
         args: list[int | str] = [WINDOW_STATS_TTL_S, max(h for h, _ in hours) - WINDOW_STATS_TTL_S * 1000]
         for hour_ms, per_partition in hours:
             keys.append(self.key(f"win:{version}:{hour_ms}"))
-            pairs = [(f"{name}:{p}", int(v)) for p, counts in per_partition.items() for name, v in counts.items()]
-            args += [hour_ms, len(pairs)]
-            for field_, value in pairs:
-                args += [field_, value]
+            pairs = [x for p, counts in per_partition.items() for name, v in counts.items() for x in (f"{name}:{p}", int(v))]
+            args += [hour_ms, len(pairs) // 2, *pairs]
         self._record(keys=keys, args=args)
 
     def window_counts(self, version: str, hour_ms: int) -> dict[str, int]:

@@ -119,11 +119,13 @@ class Negatives(NamedTuple):
     start: int
     log_correction: float
 
-    def columns(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def columns(self, items: np.ndarray, start: int | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For item_idx ``items`` (>= 1, any shape): (column among the negatives, whether it is
-        one of them). The column is meaningless where it is not."""
+        one of them). The column is meaningless where it is not. ``start`` (default: this
+        window's) may be an array broadcast against ``items``: windows of the same size of other
+        hours, one per block (``logit_biases``)."""
         col = self.position[items]
-        col -= self.start
+        col -= self.start if start is None else start
         col %= len(self.position) - 1
         return col, col < len(self.idx)
 
@@ -185,12 +187,17 @@ class RowUpdateArrays:
         n = self.n_items
         return Negatives(np.arange(1, n + 1), self.item_vectors[1:], np.arange(-1, n), 0, 0.0)
 
+    def sample_size(self, n_negatives: int) -> int:
+        """How many items an hour's negatives hold: ``n_negatives``, or the whole corpus when that
+        is 0 or would not be smaller than it."""
+        return n_negatives if 0 < n_negatives < self.n_items else self.n_items
+
     def negatives(self, n_negatives: int, hour: int) -> Negatives:
         """Hour ``hour``'s negatives (hours since the epoch): the ``n_negatives`` entries of the
         permutation from (hour * n_negatives) mod N on, wrapping; the full corpus, in item
         order, when the sample would not be smaller than it."""
         n = self.n_items
-        if n_negatives <= 0 or n_negatives >= n:
+        if self.sample_size(n_negatives) == n:
             return self._full_corpus
         twice, position = self._permutation
         start = (hour * n_negatives) % n
@@ -255,8 +262,8 @@ def hour_rows(
 
 def run_jobs(version, hours: list[list[RowJob]], cfg, after_level=None) -> None:
     """Compute every job of ``hours`` (each hour's jobs in the hour's user order), filling
-    ``out``; ``after_level()`` is called after each pass (the batch sends the writes whose
-    rows are known by then).
+    ``out``; ``after_level(k)`` is called after pass k (the batch sends the writes whose rows
+    are known by then).
 
     Why blocks: a row must come out of the same arithmetic in every attempt at its hour (exactly
     once), yet a batch of hours should cost a few array calls, not a few per hour. So each
@@ -312,7 +319,7 @@ def block_size(jobs: list[RowJob], arrays: "RowUpdateArrays", cfg) -> int:
     if len(jobs) < LARGE_HOUR:
         return 1
     widest = max(len(job.targets.items) for job in jobs)
-    n_neg = cfg.negatives if 0 < cfg.negatives < arrays.n_items else arrays.n_items
+    n_neg = arrays.sample_size(cfg.negatives)
     d = arrays.item_vectors.shape[1]
     return int(max(1, min(MAX_BLOCK, cfg.logit_budget // (widest * (d + 1) + n_neg))))
 
@@ -327,7 +334,7 @@ def _stacks(blocks: list[Block], arrays: "RowUpdateArrays", cfg) -> list[list[Bl
     stack holds one power-of-two class of widths (at most 2x padding: a heavy user does not widen
     everyone, while the common narrow blocks share one stack); its arrays stay within
     ``cfg.logit_budget`` floats."""
-    n_neg = cfg.negatives if 0 < cfg.negatives < arrays.n_items else arrays.n_items
+    n_neg = arrays.sample_size(cfg.negatives)
     d = arrays.item_vectors.shape[1]
     stacks: list[list[Block]] = []
     current: list[Block] = []
@@ -442,13 +449,9 @@ def logit_biases(negatives: list[Negatives], items: np.ndarray, item_w: np.ndarr
     first = negatives[0]
     padded = item_w <= 0
     pos_bias = np.where(padded, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
-    n_neg = len(first.idx)
-    neg_bias = np.full((*items.shape[:2], n_neg), first.log_correction, dtype=np.float32)
-    starts = np.array([g.start for g in negatives], dtype=np.int64)[:, None, None]
-    col = first.position[items]
-    col -= starts
-    col %= len(first.position) - 1
-    hit = (col < n_neg) & ~padded
+    neg_bias = np.full((*items.shape[:2], len(first.idx)), first.log_correction, dtype=np.float32)
+    col, hit = first.columns(items, np.array([g.start for g in negatives], dtype=np.int64)[:, None, None])
+    hit &= ~padded
     b, k, p = np.nonzero(hit)
     neg_bias[b, k, col[b, k, p]] = -np.inf
     return pos_bias, neg_bias
