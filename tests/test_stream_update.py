@@ -3,6 +3,8 @@ on the real models.towers model and the real Redis, without Kafka."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -340,8 +342,6 @@ def test_the_user_cache_is_bounded_and_dropped_whole_on_an_error(settings, redis
 def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
     """Positives are padded to the widest block of a stack ([n, block, P, d] floats): stacks are
     cut so that stays within the logit budget, and the rows are the same as with one stack."""
-    import dataclasses
-
     import streaming.update as update
 
     seen: list[tuple[int, int]] = []
@@ -366,13 +366,16 @@ def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
     whole = update.hour_rows(version, rows, [1] * len(targets), no_history, targets, H0, dataclasses.replace(cfg, logit_budget=10**9))
     assert np.array_equal(out, whole)
 
-def test_a_batchs_passes_give_every_row_the_bits_it_gets_in_its_hour_alone(version, settings):
+@pytest.mark.parametrize("negatives", [0, 7])
+def test_a_batchs_passes_give_every_row_the_bits_it_gets_in_its_hour_alone(version, settings, negatives):
     """run_jobs over several hours at once (small hours stacked across hours, a large hour in
     chunks, a user's later hour starting from the row of the earlier one) gives each row
-    exactly what hour_rows gives that hour on its own, from the same start row."""
+    exactly what hour_rows gives that hour on its own, from the same start row. With a sample
+    of 7 of the 30 items every hour has a window of its own, so a stack of blocks of different
+    hours must pair each block with its own hour's negatives."""
     from streaming.update import LARGE_HOUR, RowJob, run_jobs
 
-    cfg = settings.incremental
+    cfg = dataclasses.replace(settings.incremental, negatives=negatives)
     sizes = [1, 3, LARGE_HOUR + 5, 2, 1, LARGE_HOUR]
     inputs = [hour_inputs(version, n, seed=10 + h) for h, n in enumerate(sizes)]
     # the small hours' users have 9 to 16 positives: stacked together, most are padded to the
