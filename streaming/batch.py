@@ -106,7 +106,7 @@ def _apply_batch(state: StreamState, version: LoadedVersion, hours: Hours, cfg: 
         rows_before = {u: current[u].row for u in by_user if current[u].row is not None}
         hists_before = {u: current[u].hist for u in by_user}
         plans = plan_users(hour, by_user, rows_before, hists_before, version, cfg.min_events_new_user)
-        computed, jobs = row_jobs(plans, hists_before)
+        computed, jobs = row_jobs(plans, hists_before, partition_of)
         jobs_by_hour.append(jobs)
         result, writes = hour_writes(hour, plans, {p.user_id: job for p, job in zip(computed, jobs)}, partition_of)
         for plan, write in zip(plans, writes):

@@ -27,7 +27,8 @@ Exactly-once effect: how a kill -9 at any point leaves Redis as an uninterrupted
 2. An hour's row update is a pure function of the row before the hour, the user's history as of
    the hour's START (score < start; later events already in the zset do not matter), the
    hour's events and the frozen version, computed with the same batch shapes in every attempt
-   (streaming.update, streaming.hour).
+   and on any member of the group: an hour's blocks are cut per partition (streaming.update,
+   streaming.hour).
 3. Each user's row and history are written in ONE Lua script on keys sharing a hash tag; the
    row records the last hour it absorbed (field ``w``) and the script writes only if ``w`` is
    older. A replayed hour is a no-op for every user it already reached; the history add is

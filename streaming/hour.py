@@ -125,27 +125,35 @@ def plan_users(
     return plans
 
 
-def compute_rows(version: LoadedVersion, plans: list[UserPlan], hists: Mapping[str, np.ndarray], cfg: IncrementalConfig) -> dict[str, np.ndarray]:
+def compute_rows(
+    version: LoadedVersion, plans: list[UserPlan], hists: Mapping[str, np.ndarray], cfg: IncrementalConfig,
+    partition_of: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
     """New rows of every planned user with a row (UPDATE and REPLAYED), computed as one hour
-    (streaming.update.run_jobs: fixed blocks of the hour's sorted user list, so each row comes
-    out of the same arithmetic in any attempt). ``hists``: each user's history before the hour
-    as item_idx (int [<= L], oldest first)."""
-    batch, jobs = row_jobs(plans, hists)
+    (streaming.update.run_jobs: fixed blocks of each partition's sorted users, so each row comes
+    out of the same arithmetic in any attempt, on any member of the group). ``hists``: each
+    user's history before the hour as item_idx (int [<= L], oldest first); ``partition_of``:
+    each user's partition (None: all one)."""
+    batch, jobs = row_jobs(plans, hists, partition_of)
     if not jobs:
         return {}
     run_jobs(version, [jobs], cfg)
     return {p.user_id: job.out for p, job in zip(batch, jobs)}
 
 
-def row_jobs(plans: list[UserPlan], hists: Mapping[str, np.ndarray]) -> tuple[list[UserPlan], list[RowJob]]:
+def row_jobs(
+    plans: list[UserPlan], hists: Mapping[str, np.ndarray], partition_of: Mapping[str, int] | None = None
+) -> tuple[list[UserPlan], list[RowJob]]:
     """(the plans with a row to compute, one RowJob each), in plan order. A plan's start row may
-    be the RowJob of the user's previous hour (streaming.batch)."""
+    be the RowJob of the user's previous hour (streaming.batch); ``partition_of``: each user's
+    partition (None: all one)."""
     batch = [p for p in plans if p.kind in (UPDATE, REPLAYED)]
     if not batch:
         return [], []
     # the hour's negative sample is seeded by the hour itself: every attempt draws the same one
     hour = window_start(min(e.ts for p in batch for e in p.events)) // HOUR_MS
-    return batch, [RowJob(hour, p.start_row, p.user_idx, hists.get(p.user_id, NO_HISTORY), p.targets) for p in batch]
+    part = partition_of or {}
+    return batch, [RowJob(hour, p.start_row, p.user_idx, hists.get(p.user_id, NO_HISTORY), p.targets, part.get(p.user_id, 0)) for p in batch]
 
 
 def read_state(
@@ -269,7 +277,7 @@ def _apply_hour(
     rows, hists, _ = read_state(state, version, hour_ms, list(by_user), cache)
     t1 = time.perf_counter()
     plans = plan_users(hour_ms, by_user, rows, hists, version, cfg.min_events_new_user)
-    new_rows = compute_rows(version, plans, hists, cfg)
+    new_rows = compute_rows(version, plans, hists, cfg, partition_of)
     t2 = time.perf_counter()
 
     result, writes = hour_writes(hour_ms, plans, new_rows, partition_of)

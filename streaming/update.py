@@ -234,6 +234,8 @@ class RowJob:
     hist: np.ndarray
     """int item_idx of the user's history before the hour, oldest first."""
     targets: UserTargets
+    partition: int = 0
+    """The Kafka partition of the user's events: an hour's blocks are cut per partition."""
     out: np.ndarray | None = None
     level: int = 0
     """Computed in the level-th pass over the batch (0: its start row is known)."""
@@ -267,9 +269,11 @@ def run_jobs(version, hours: list[list[RowJob]], cfg, after_level=None) -> None:
 
     Why blocks: a row must come out of the same arithmetic in every attempt at its hour (exactly
     once), yet a batch of hours should cost a few array calls, not a few per hour. So each
-    hour's users are cut into consecutive blocks (``block_size``: a function of the hour's
-    content alone), and every array operation works on a stack of blocks of one size: matmuls
-    over [block, k] matrices, reductions over a fixed length, positive slots padded at the end
+    hour's users of each partition are cut into consecutive blocks (``block_size``: a function
+    of the hour's content in that partition alone, so a row's bits are the same however a
+    consumer group spreads the partitions over its members, before or after a rebalance), and
+    every array operation works on a stack of blocks of one size: matmuls over [block, k]
+    matrices, reductions over a fixed length, positive slots padded at the end
     where only sequential sums run over them. A row's result is then the same whatever blocks
     and padding share the call (numpy runs a stacked matmul block by block), and the batch can
     compute every block whose start rows are known in one pass: pass 0 holds each user's first
@@ -286,17 +290,33 @@ def assign_levels(hours: list[list[RowJob]], arrays: "RowUpdateArrays", cfg) -> 
     """Cut each hour's jobs into blocks and set every job's ``level``: the blocks of each pass,
     pass 0 first (see ``run_jobs``)."""
     levels: list[list[Block]] = []
-    for jobs in hours:
-        size = block_size(jobs, arrays, cfg)
-        for i in range(0, len(jobs), size):
-            block = jobs[i : i + size]
-            level = max(job.start.level + 1 if isinstance(job.start, RowJob) else 0 for job in block)
-            for job in block:
-                job.level = level
-            while len(levels) <= level:
-                levels.append([])
-            levels[level].append(block)
+    for hour_jobs in hours:
+        for jobs in _by_partition(hour_jobs):
+            size = block_size(jobs, arrays, cfg)
+            for i in range(0, len(jobs), size):
+                _add_block(levels, jobs[i : i + size])
     return levels
+
+
+def _by_partition(jobs: list[RowJob]) -> list[list[RowJob]]:
+    """An hour's jobs split by partition, each part in the hour's user order."""
+    parts: dict[int, list[RowJob]] = {}
+    for job in jobs:
+        part = parts.get(job.partition)
+        if part is None:
+            part = parts[job.partition] = []
+        part.append(job)
+    return [parts[p] for p in sorted(parts)]
+
+
+def _add_block(levels: list[list[Block]], block: Block) -> None:
+    """Put ``block`` in the first pass after the blocks its start rows come from."""
+    level = max(job.start.level + 1 if isinstance(job.start, RowJob) else 0 for job in block)
+    for job in block:
+        job.level = level
+    while len(levels) <= level:
+        levels.append([])
+    levels[level].append(block)
 
 
 def run_levels(version, levels: list[list[Block]], cfg, after_level=None) -> None:
@@ -310,9 +330,9 @@ def run_levels(version, levels: list[list[Block]], cfg, after_level=None) -> Non
 
 
 def block_size(jobs: list[RowJob], arrays: "RowUpdateArrays", cfg) -> int:
-    """Users per block in an hour of these row updates (a function of the hour's content). A
-    small hour (the common sparse case: one or two users) has a block per user, which the
-    passes of a batch stack across hours. A large hour is cut into chunks of up to
+    """Users per block among these row updates of one hour and partition (a function of their
+    content). A small hour (the common sparse case: one or two users) has a block per user,
+    which the passes of a batch stack across hours. A large hour is cut into chunks of up to
     MAX_BLOCK users, for BLAS's matrix-matrix products; its widest user bounds them too,
     since a block's positives are padded to it ([block, P, d] floats within the budget: one
     heavy user, a bot with thousands of events in an hour, would otherwise make gigabytes)."""

@@ -1,5 +1,6 @@
 """The incremental consumer through the real (Tansu) broker and the real Redis: bounded runs,
-dead letters, exactly-once under kill -9, version switches, continuous mode and SIGTERM."""
+dead letters, exactly-once under kill -9, two members of one group, version switches,
+continuous mode and SIGTERM."""
 
 from __future__ import annotations
 
@@ -223,6 +224,68 @@ def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redi
     finally:
         cleanup(redis_client, ref.redis.prefix)
         cleanup(redis_client, crash.redis.prefix)
+
+
+def test_two_members_of_one_group_split_the_partitions_and_leave_redis_as_one_consumer(prepared, redis_client, tmp_path):
+    """DESIGN §8's scale-out: two consumer processes in one group share the four partitions
+    (users are keyed, so each member owns its users' rows) and together leave Redis as one
+    consumer reading everything does: hours, histories, counters and checkpoints equal, rows
+    bit for bit (an hour's users are cut into blocks per partition, so the update's arithmetic
+    does not depend on which member computes them).
+    The pair reads a topic of its own, filled only once each member owns two partitions, so
+    both do their share whatever order they joined in."""
+    from infra.kafka_topics import ensure_topics, project_topics
+    from streaming.clients import make_admin
+
+    s, tv = prepared
+    one = with_prefix(s, s.redis.prefix + "-one", s.kafka.group_id + "-one")
+    pair = with_prefix(s, s.redis.prefix + "-pair", s.kafka.group_id + "-pair")
+    pair = pair.replace("kafka", topic=s.kafka.topic + "-pair", dead_letter_topic=s.kafka.topic + "-pair.dlq")
+    logs = [tmp_path / "member-a.log", tmp_path / "member-b.log"]
+    procs: list[subprocess.Popen] = []
+
+    def owned() -> list[set[int]]:
+        """Each member's partitions as of its latest assignment."""
+        out = []
+        for log in logs:
+            assigned = re.findall(r"assigned partitions \[([\d, ]*)\]", log.read_text() if log.exists() else "")
+            out.append({int(p) for p in assigned[-1].split(",") if p.strip()} if assigned else set())
+        return out
+
+    try:
+        publish_tiny(redis_client, one.redis.prefix, tv)
+        publish_tiny(redis_client, pair.redis.prefix, tv)
+        assert run_bounded(one)["hours_applied"] == 8
+        admin = make_admin(pair.kafka)
+        try:
+            ensure_topics(admin, project_topics(pair.kafka))
+        finally:
+            admin.close()
+        procs = [start_consumer(pair, log, mode="continuous") for log in logs]
+        wait_for(lambda: [len(o) for o in owned()] == [2, 2] and owned()[0] | owned()[1] == {0, 1, 2, 3}, 90, "two members owning two partitions each")
+        produce(pair, make_stream())
+        state = StreamState(redis_client, pair.redis.prefix)
+        hour_7 = BASE_MS + 7 * HOUR
+        wait_for(lambda: sorted(state.load_checkpoints("v1")) == [0, 1, 2, 3]
+                 and all(c.applied_through == hour_7 for c in state.load_checkpoints("v1").values()), 90, "every partition's checkpoint past hour 7")
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        outcomes = [proc.wait(60) for proc in procs]
+        texts = [log.read_text() for log in logs]
+        assert outcomes == [0, 0], [t[-2000:] for t in texts]
+        reports = [json.loads(t.strip().splitlines()[-1]) for t in texts]
+        assert all(r["records_read"] > 0 and r["hours_applied"] > 0 for r in reports), reports
+
+        worst = assert_same_effect(redis_snapshot(redis_client, one.redis.prefix, "v1"),
+                                   redis_snapshot(redis_client, pair.redis.prefix, "v1"))
+        assert worst == 0.0  # bitwise: an hour's blocks are cut per partition (streaming.update.run_jobs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        cleanup(redis_client, one.redis.prefix)
+        cleanup(redis_client, pair.redis.prefix)
 
 
 def test_new_version_replays_from_its_cutoff_into_its_own_rows(prepared, redis_client, tmp_path):

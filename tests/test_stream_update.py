@@ -344,11 +344,11 @@ def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
     cut so that stays within the logit budget, and the rows are the same as with one stack."""
     import streaming.update as update
 
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     real = update.update_blocks
 
     def spy(arrays, negatives, rows, context, items, item_w, steps, lr, one_hour=False):
-        seen.append((len(rows), items.shape[2]))
+        seen.append(items.shape)  # [n, block, P]
         return real(arrays, negatives, rows, context, items, item_w, steps, lr, one_hour)
 
     monkeypatch.setattr(update, "update_blocks", spy)
@@ -361,8 +361,8 @@ def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
     no_history = [np.zeros(0, dtype=np.int32)] * len(targets)
     out = update.hour_rows(version, rows, [1] * len(targets), no_history, targets, H0, cfg)
     assert out.shape == rows.shape and np.isfinite(out).all()
-    assert len(seen) > 1 and all(n == 1 or n * update.LARGE_BLOCK * p * d <= cfg.logit_budget for n, p in seen)
-    assert sorted(p for _, p in seen)[-1] == 30 and min(p for _, p in seen) == 1  # the heavy user's block alone is wide
+    assert len(seen) > 1 and all(n * block * p * d <= cfg.logit_budget for n, block, p in seen)
+    assert max(p for _, _, p in seen) == 30 and min(p for _, _, p in seen) == 1  # the heavy user's block alone is wide
     whole = update.hour_rows(version, rows, [1] * len(targets), no_history, targets, H0, dataclasses.replace(cfg, logit_budget=10**9))
     assert np.array_equal(out, whole)
 
@@ -400,3 +400,29 @@ def test_a_batchs_passes_give_every_row_the_bits_it_gets_in_its_hour_alone(versi
         starts = np.stack([job.start_row() for job in jobs])
         alone = hour_rows(version, starts, user_idx, hists, targets, H0 + h * HOUR, cfg)
         assert np.array_equal(np.stack([job.out for job in jobs]), alone), f"hour {h}"
+
+
+def test_an_hours_blocks_are_cut_per_partition_so_a_rows_bits_do_not_depend_on_the_other_partitions(version, settings):
+    """A consumer group may spread the partitions over its members in any way, and change it in
+    a rebalance: a large hour's rows computed with all its partitions equal, bit for bit, the
+    rows of each partition's users computed alone (as the member owning just that partition
+    does), and no block mixes partitions."""
+    from streaming.update import LARGE_HOUR, RowJob, assign_levels, run_jobs
+
+    cfg = dataclasses.replace(settings.incremental, negatives=7)
+    n = 3 * LARGE_HOUR
+    rows, user_idx, hists, targets = hour_inputs(version, n, seed=3)
+    partition = [b % 3 if b < 2 * LARGE_HOUR else 0 for b in range(n)]  # partition 0 large, 1 and 2 small
+
+    def jobs_of(keep) -> list[RowJob]:
+        return [RowJob(H0 // HOUR, rows[b], user_idx[b], hists[b], targets[b], partition[b]) for b in range(n) if keep(b)]
+
+    together = jobs_of(lambda b: True)
+    for blocks in assign_levels([together], version.update_arrays, cfg):
+        assert all(len({job.partition for job in block}) == 1 for block in blocks)
+    run_jobs(version, [together], cfg)
+    for p in range(3):
+        alone = jobs_of(lambda b: partition[b] == p)
+        run_jobs(version, [alone], cfg)
+        mine = [job for job in together if job.partition == p]
+        assert np.array_equal(np.stack([j.out for j in alone]), np.stack([j.out for j in mine])), f"partition {p}"
