@@ -12,6 +12,11 @@ published deployment. Both clocks start when the first records arrive. Each path
 RAW_RUNS / E2E_RUNS times, interleaved; reported: the median events/s of each (every run's
 beside it) and the ratio of the medians (the issue's target is >= 0.5).
 
+A third end-to-end path runs GROUP_MEMBERS consumer processes (``python -m streaming.consumer
+--mode bounded``, default applier) in one consumer group, started together: DESIGN §8's way to
+scale out, each member owning some partitions. Its window runs from the first record any member
+read to the end of the last member's window.
+
 Two workloads, because the update's cost is per user-hour and the reading cost per event:
   * synthetic (jobs.synthetic: power-law popularity, drifting tastes), seeded: 5,000 users with
     about one event per user-hour, the worst case for the ratio;
@@ -31,6 +36,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -43,13 +49,15 @@ import numpy as np
 
 from benchmarks.limits_common import drop_prefix, write_result
 from jobs.redis_conn import redis_client
-from twotower.config import Settings, load_settings
+from twotower.config import PROJECT_ROOT, Settings, load_settings, settings_env
 from twotower.logs import setup_logging
 
 log = logging.getLogger("benchmarks.stream_throughput")
 OUT = Path(__file__).resolve().parent / "out"
 RAW_RUNS, E2E_RUNS = 3, 3
 """Runs per path and workload; the medians are reported, with every run's rate beside them."""
+GROUP_MEMBERS = 2
+"""Consumer processes in the group path."""
 
 
 def machine() -> dict[str, Any]:
@@ -122,6 +130,40 @@ def end_to_end(settings: Settings) -> dict[str, Any]:
     }
 
 
+def end_to_end_group(settings: Settings, members: int = GROUP_MEMBERS) -> dict[str, Any]:
+    """``members`` bounded consumer processes in one group, started together, timed as one run:
+    from the first record any of them read to the end of the last one's window (each member's
+    report gives its window's start on the wall clock and its length)."""
+    env = dict(os.environ) | settings_env(settings)
+    cmd = [sys.executable, "-m", "streaming.consumer", "--mode", "bounded"]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(members)]
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    total_s = time.perf_counter() - t0
+    reports = []
+    for proc, out in zip(procs, outputs):
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"a group member exited with {proc.returncode}: {out[-2000:]}")
+        reports.append(json.loads(lines[-1]))
+    windows = [(r["first_record_at_ms"] / 1000, r["first_record_at_ms"] / 1000 + r["reading_seconds"]) for r in reports if r.get("first_record_at_ms")]
+    window = max(end for _, end in windows) - min(start for start, _ in windows) if windows else total_s
+    records = sum(r["records_read"] for r in reports)
+    return {
+        "applier": f"{settings.incremental.applier}, {members} members of one group",
+        "members": members,
+        "records_read": records,
+        "records_by_member": [r["records_read"] for r in reports],
+        "hours_applied": sum(r["hours_applied"] for r in reports),
+        "users_updated": sum(r["users_updated"] for r in reports),
+        "events_applied": sum(r["events_applied"] for r in reports),
+        "seconds": round(window, 2),
+        "run_seconds": round(total_s, 2),
+        "events_per_s": round(records / window) if window else None,
+        "events_per_s_whole_run": round(records / total_s) if total_s else None,
+    }
+
+
 def bench_settings(tag: str) -> Settings:
     """A private deployment: state dir, Redis prefix, topic and group of its own."""
     settings = load_settings().replace("paths", state_dir=OUT / f"state-stream-{tag}").replace("redis", prefix=f"tt-bench-{tag}")
@@ -153,6 +195,7 @@ def measure(settings: Settings, cutoff_day: dt.date, end_day: dt.date) -> dict[s
     pristine = settings.redis.prefix + "-pristine"
     raws: list[dict[str, Any]] = []
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    group_runs: list[dict[str, Any]] = []
     try:
         nightly = run_nightly(settings, cutoff_day)
         admin = make_admin(settings.kafka)
@@ -169,13 +212,15 @@ def measure(settings: Settings, cutoff_day: dt.date, end_day: dt.date) -> dict[s
             if i < E2E_RUNS:
                 for kind in kinds:
                     runs[kind].append(end_to_end(fresh_copy(settings, pristine, f"{kind}-{i}").replace("incremental", applier=kind)))
+                group_runs.append(end_to_end_group(fresh_copy(settings, pristine, f"group-{i}")))
     finally:
         shutil.rmtree(settings.paths.state_dir, ignore_errors=True)
         with closing(redis_client(settings)) as client:
-            for prefix in [settings.redis.prefix, pristine] + [f"{settings.redis.prefix}-{k}-{i}" for k in kinds for i in range(E2E_RUNS)]:
+            tags = [f"{k}-{i}" for k in [*kinds, "group"] for i in range(E2E_RUNS)]
+            for prefix in [settings.redis.prefix, pristine] + [f"{settings.redis.prefix}-{t}" for t in tags]:
                 drop_prefix(client, prefix)
     raw = median_run(raws)
-    e2e, other = median_run(runs[kinds[0]]), median_run(runs[kinds[1]])
+    e2e, other, group = median_run(runs[kinds[0]]), median_run(runs[kinds[1]]), median_run(group_runs)
     ratio = lambda run: round(run["events_per_s"] / raw["events_per_s"], 3) if raw["events_per_s"] and run["events_per_s"] else None  # noqa: E731
     return {
         "events_replayed": rep.events,
@@ -185,8 +230,10 @@ def measure(settings: Settings, cutoff_day: dt.date, end_day: dt.date) -> dict[s
         "raw_consume": raw | {"all_events_per_s": [r["events_per_s"] for r in raws]},
         "end_to_end": e2e | {"all_events_per_s": [r["events_per_s"] for r in runs[kinds[0]]]},
         "end_to_end_other_applier": other | {"all_events_per_s": [r["events_per_s"] for r in runs[kinds[1]]]},
+        "end_to_end_group": group | {"all_events_per_s": [r["events_per_s"] for r in group_runs]},
         "ratio_end_to_end_to_raw": ratio(e2e),
         "ratio_other_applier_to_raw": ratio(other),
+        "ratio_group_to_raw": ratio(group),
     }
 
 
@@ -250,7 +297,7 @@ def render(result: dict[str, Any]) -> list[str]:
         "",
     ]
     for name, w in result.get("workloads", {}).items():
-        raw, e2e, other = w["raw_consume"], w["end_to_end"], w.get("end_to_end_other_applier")
+        raw, e2e, other, group = w["raw_consume"], w["end_to_end"], w.get("end_to_end_other_applier"), w.get("end_to_end_group")
         if name == "synthetic":
             spec = w.get("spec", {})
             title = f"Synthetic stream ({spec.get('n_users', '?')} users, {spec.get('n_items', '?')} items, seed {spec.get('seed', '?')})"
@@ -265,7 +312,7 @@ def render(result: dict[str, Any]) -> list[str]:
             f"| raw kafka-python consume (same client settings, same topic) | {raw['records']} | {raw['seconds']} | {raw['events_per_s']} | "
             f"{', '.join(str(r) for r in raw.get('all_events_per_s', []))} | - | - |",
         ]
-        for run_ in [e2e] + ([other] if other else []):
+        for run_ in [e2e] + [r for r in (other, group) if r]:
             lines.append(
                 f"| end to end, applier = {run_.get('applier', '?')}: Kafka -> user rows in Redis | {run_['records_read']} | "
                 f"{run_['seconds']} | {run_['events_per_s']} | {', '.join(str(r) for r in run_.get('all_events_per_s', []))} | "
@@ -276,6 +323,7 @@ def render(result: dict[str, Any]) -> list[str]:
             "",
             f"End-to-end / raw events/s, medians: **{w['ratio_end_to_end_to_raw']}** with the default applier ({e2e.get('applier', '?')})"
             + (f", {w.get('ratio_other_applier_to_raw')} with the {other.get('applier')} applier" if other else "")
+            + (f", {w.get('ratio_group_to_raw')} with {group.get('members')} members of one group" if group else "")
             + f" (target {result['target_ratio']}); {e2e['hours_applied']} hours applied, {e2e['users_updated']} user rows updated"
             + (f"; user cache: {cache.get('hits')} hits, {cache.get('misses')} Redis reads." if cache else "."),
             "",

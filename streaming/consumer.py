@@ -154,6 +154,9 @@ class ConsumerReport:
     reading_seconds: float | None = None
     """From the first record read to the end (the run's throughput window: group join, version
     load and partition seeks come before it)."""
+    first_record_at_ms: int | None = None
+    """Wall clock (epoch ms) when the first record was read: where the window above began, so
+    the windows of a group's members can be joined into one (benchmarks.stream_throughput)."""
     cached_users: dict[str, int] = field(default_factory=dict)
     """The user cache's hits, misses (Redis reads) and size at the end (streaming.user_cache)."""
 
@@ -345,6 +348,7 @@ class IncrementalConsumer:
                     return
                 if not read and self._first_record_at is None:
                     self._first_record_at = time.monotonic()
+                    self.report.first_record_at_ms = int(time.time() * 1000)
                 read += 1
                 parsed = parse_event(r.value, r.key, r.timestamp, limits)
                 if isinstance(parsed, Rejection):
