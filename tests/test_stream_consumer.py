@@ -226,12 +226,15 @@ def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redi
         cleanup(redis_client, crash.redis.prefix)
 
 
-def test_two_members_of_one_group_split_the_partitions_and_leave_redis_as_one_consumer(prepared, redis_client, tmp_path):
+@pytest.mark.parametrize("crash", [None, "mid_rows:1"])
+def test_two_members_of_one_group_split_the_partitions_and_leave_redis_as_one_consumer(prepared, redis_client, tmp_path, crash):
     """DESIGN §8's scale-out: two consumer processes in one group share the four partitions
     (users are keyed, so each member owns its users' rows) and together leave Redis as one
     consumer reading everything does: hours, histories, counters and checkpoints equal, rows
     bit for bit (an hour's users are cut into blocks per partition, so the update's arithmetic
-    does not depend on which member computes them).
+    does not depend on which member computes them). With ``crash``, the first member kills
+    itself (SIGKILL) half-way through writing its first batch; the second takes its partitions
+    over in the rebalance and finishes them, and Redis is still the same, bit for bit.
     The pair reads a topic of its own, filled only once each member owns two partitions, so
     both do their share whatever order they joined in."""
     from infra.kafka_topics import ensure_topics, project_topics
@@ -261,19 +264,23 @@ def test_two_members_of_one_group_split_the_partitions_and_leave_redis_as_one_co
             ensure_topics(admin, project_topics(pair.kafka))
         finally:
             admin.close()
-        procs = [start_consumer(pair, log, mode="continuous") for log in logs]
+        procs = [start_consumer(pair, logs[0], mode="continuous", crash=crash), start_consumer(pair, logs[1], mode="continuous")]
         wait_for(lambda: [len(o) for o in owned()] == [2, 2] and owned()[0] | owned()[1] == {0, 1, 2, 3}, 90, "two members owning two partitions each")
         produce(pair, make_stream())
         state = StreamState(redis_client, pair.redis.prefix)
         hour_7 = BASE_MS + 7 * HOUR
         wait_for(lambda: sorted(state.load_checkpoints("v1")) == [0, 1, 2, 3]
                  and all(c.applied_through == hour_7 for c in state.load_checkpoints("v1").values()), 90, "every partition's checkpoint past hour 7")
-        for proc in procs:
+        survivors = [proc for proc in procs if proc.poll() is None]
+        for proc in survivors:
             os.killpg(proc.pid, signal.SIGTERM)
         outcomes = [proc.wait(60) for proc in procs]
         texts = [log.read_text() for log in logs]
-        assert outcomes == [0, 0], [t[-2000:] for t in texts]
-        reports = [json.loads(t.strip().splitlines()[-1]) for t in texts]
+        if crash is None:
+            assert outcomes == [0, 0], [t[-2000:] for t in texts]
+        else:  # the second member ended up owning every partition
+            assert outcomes == [-signal.SIGKILL, 0] and owned()[1] == {0, 1, 2, 3}, [t[-2000:] for t in texts]
+        reports = [json.loads(t.strip().splitlines()[-1]) for t, code in zip(texts, outcomes) if code == 0]
         assert all(r["records_read"] > 0 and r["hours_applied"] > 0 for r in reports), reports
         # each window's start on the wall clock (the group benchmark joins the members' windows)
         assert all(abs(r["first_record_at_ms"] / 1000 - time.time()) < 300 for r in reports), reports
