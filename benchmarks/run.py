@@ -85,11 +85,12 @@ def render_all(results: dict[str, dict], failures: dict[str, str], seconds: dict
     return "\n".join(lines) + "\n"
 
 
-def earlier_results() -> dict[str, dict]:
-    """The results in benchmarks/results.json, so that ``--only`` re-measures some benchmarks
-    without dropping the sections of the others (each keeps the date it was measured on)."""
+def earlier_run() -> dict:
+    """benchmarks/results.json as the last run wrote it, so that ``--only`` re-measures some
+    benchmarks without dropping the sections of the others (each keeps the date it was measured
+    on, and its wall time)."""
     try:
-        return json.loads((HERE / "results.json").read_text()).get("results", {})
+        return json.loads((HERE / "results.json").read_text())
     except (OSError, ValueError):
         return {}
 
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    previous = earlier_results()
+    earlier = earlier_run()
+    previous = earlier.get("results", {})
+    seconds: dict[str, float] = {n: t for n, t in earlier.get("wall_seconds", {}).items() if n not in chosen or args.render_only}
     for name in names:
         path = OUT / f"{name}.json"
         if name in chosen and not args.render_only:
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         elif name in previous:  # measured on an earlier day (benchmarks/results.json): kept, with its date
             results[name] = previous[name]
     (HERE / "RESULTS.md").write_text(render_all(results, failures, seconds))
-    combined = {"written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "results": results, "not_measured": failures}
+    combined = {
+        "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "results": results, "not_measured": failures, "wall_seconds": seconds,
+    }  # fmt: skip
     (HERE / "results.json").write_text(json.dumps(combined, indent=2, sort_keys=True, default=str) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'results.json'}")
     return 0
