@@ -54,8 +54,10 @@ from twotower.logs import setup_logging
 
 log = logging.getLogger("benchmarks.stream_throughput")
 OUT = Path(__file__).resolve().parent / "out"
-RAW_RUNS, E2E_RUNS = 3, 3
-"""Runs per path and workload; the medians are reported, with every run's rate beside them."""
+RAW_RUNS, E2E_RUNS = 5, 5
+"""Runs per path and workload; the medians are reported, with every run's rate beside them (the
+raw rate has swung by 2x between runs of one benchmark on the shared 2-core machine: 5 runs give
+its median some footing)."""
 GROUP_MEMBERS = 2
 """Consumer processes in the group path."""
 
