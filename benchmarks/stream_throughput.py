@@ -116,19 +116,25 @@ def end_to_end(settings: Settings) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     report = run_bounded(settings)
     total_s, cpu = time.perf_counter() - t0, time.process_time() - c0
-    window = report.get("reading_seconds") or total_s
     return {
         "applier": settings.incremental.applier,
-        "records_read": report["records_read"],
-        "hours_applied": report["hours_applied"],
-        "users_updated": report["users_updated"],
-        "events_applied": report["events_applied"],
+        **_timed([report], report.get("reading_seconds") or total_s, total_s),
         "cached_users": report.get("cached_users", {}),
+        "cpu_seconds_this_process": round(cpu, 2),
+    }
+
+
+def _timed(reports: list[dict[str, Any]], window: float, total_s: float) -> dict[str, Any]:
+    """The counters of one run's consumer reports (summed over a group's members) and its rates
+    over the throughput ``window`` and the whole run (s)."""
+    records = sum(r["records_read"] for r in reports)
+    return {
+        "records_read": records,
+        **{k: sum(r[k] for r in reports) for k in ("hours_applied", "users_updated", "events_applied")},
         "seconds": round(window, 2),
         "run_seconds": round(total_s, 2),
-        "cpu_seconds_this_process": round(cpu, 2),
-        "events_per_s": round(report["records_read"] / window) if window else None,
-        "events_per_s_whole_run": round(report["records_read"] / total_s) if total_s else None,
+        "events_per_s": round(records / window) if window else None,
+        "events_per_s_whole_run": round(records / total_s) if total_s else None,
     }
 
 
@@ -150,19 +156,11 @@ def end_to_end_group(settings: Settings, members: int = GROUP_MEMBERS) -> dict[s
         reports.append(json.loads(lines[-1]))
     windows = [(r["first_record_at_ms"] / 1000, r["first_record_at_ms"] / 1000 + r["reading_seconds"]) for r in reports if r.get("first_record_at_ms")]
     window = max(end for _, end in windows) - min(start for start, _ in windows) if windows else total_s
-    records = sum(r["records_read"] for r in reports)
     return {
         "applier": f"{settings.incremental.applier}, {members} members of one group",
         "members": members,
-        "records_read": records,
+        **_timed(reports, window, total_s),
         "records_by_member": [r["records_read"] for r in reports],
-        "hours_applied": sum(r["hours_applied"] for r in reports),
-        "users_updated": sum(r["users_updated"] for r in reports),
-        "events_applied": sum(r["events_applied"] for r in reports),
-        "seconds": round(window, 2),
-        "run_seconds": round(total_s, 2),
-        "events_per_s": round(records / window) if window else None,
-        "events_per_s_whole_run": round(records / total_s) if total_s else None,
     }
 
 

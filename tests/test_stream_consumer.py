@@ -265,7 +265,11 @@ def test_two_members_of_one_group_split_the_partitions_and_leave_redis_as_one_co
         finally:
             admin.close()
         procs = [start_consumer(pair, logs[0], mode="continuous", crash=crash), start_consumer(pair, logs[1], mode="continuous")]
-        wait_for(lambda: [len(o) for o in owned()] == [2, 2] and owned()[0] | owned()[1] == {0, 1, 2, 3}, 90, "two members owning two partitions each")
+        def split_two_ways() -> bool:
+            a, b = owned()
+            return len(a) == len(b) == 2 and a | b == {0, 1, 2, 3}
+
+        wait_for(split_two_ways, 90, "two members owning two partitions each")
         produce(pair, make_stream())
         state = StreamState(redis_client, pair.redis.prefix)
         hour_7 = BASE_MS + 7 * HOUR
