@@ -30,7 +30,7 @@ log = logging.getLogger("twotower.dags")
 
 # Task ids in pipeline order; outcome rules and the run record refer to them.
 NIGHTLY_TASKS = ("wait_for_raw", "prepare", "train", "evaluate", "gate", "build_index", "validate_index", "publish")
-HOURLY_TASKS = ("consume", "check_lag")
+HOURLY_TASKS = ("consume", "check_lag", "archive")
 PUBLISH_MODES = ("auto", "force", "no")
 ERROR_XCOM_KEY = "error"
 
@@ -147,23 +147,35 @@ def nightly_outcome(
     return "failed", f"the run ended with unfinished or failed tasks: {unfinished}"
 
 
-def hourly_outcome(states: Mapping[str, str], errors: Mapping[str, str], report: Mapping[str, Any] | None) -> tuple[str, str]:
-    """(status, reason) of an hourly run. Pure.
+def hourly_outcome(
+    states: Mapping[str, str], errors: Mapping[str, str], report: Mapping[str, Any] | None, archive: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """(status, reason) of an hourly run from its task states, errors and the consumer's and the
+    archiver's reports. Pure.
 
     ``ok``; ``no_version`` (nothing published yet, nothing to update); ``lagging`` (check_lag
-    failed: the reason has the numbers); ``failed`` (the consumer run itself failed).
+    failed: the reason has the numbers); ``failed`` (the consumer run or the archive failed).
     """
     if states.get("consume") == "failed":
         return "failed", f"consume failed: {errors.get('consume') or 'see the task log'}"
+    if states.get("archive") == "failed":
+        return "failed", (
+            "archive failed, so the stream's latest events are not in raw Parquet yet (the next run lands them; a nightly "
+            f"run before that would train without them): {errors.get('archive') or 'see the task log'}"
+        )
     if states.get("check_lag") == "failed":
         return "lagging", errors.get("check_lag") or "consumer lag above the threshold"
-    if states.get("check_lag") == "success":
+    if states.get("check_lag") == "success" and states.get("archive", "success") == "success":
         report = report or {}
+        landed = (
+            f"; {archive.get('events_written', 0)} new event(s) landed as raw Parquet ({archive.get('duplicates_skipped', 0)} already there)"
+            if archive else ""
+        )
         if report.get("status") == "no_version":
-            return "no_version", "no model version is published yet; nothing to update"
+            return "no_version", f"no model version is published yet; nothing to update{landed}"
         return "ok", (
             f"{report.get('hours_applied', 0)} closed hour(s) applied to {report.get('users_updated', 0)} user row(s); "
-            f"lag {report.get('lag')} records"
+            f"lag {report.get('lag')} records{landed}"
         )
     return "failed", f"the run ended with unfinished tasks: {dict(states)}"
 

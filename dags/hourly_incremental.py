@@ -1,7 +1,9 @@
-"""Hourly incremental update of the user-ID embedding rows (DESIGN §5, §7).
+"""Hourly incremental update of the user-ID embedding rows (DESIGN §5, §7), and the stream landed
+as raw Parquet for the nightly run.
 
     consume -> check_lag
-    record_run (teardown: runs after both, whatever happened)
+    archive
+    record_run (teardown: runs after all three, whatever happened)
 
 ``consume`` runs the incremental consumer in bounded mode: it reads the topic up to the end
 offsets it sees when it starts, applies every event-time hour that has closed (watermark past
@@ -9,6 +11,13 @@ the hour's end plus the allowed lateness) to the touched user rows in Redis, com
 Which hours are closed is decided by event time inside the consumer, never by this run's wall
 clock or logical date, so a replay of old data and a live topic behave the same. The consumer is
 exactly-once in effect (each row records what it absorbed), so a retry is safe.
+
+``archive`` runs the archiver (streaming.archiver) in bounded mode beside it, in its own
+consumer group: every valid event the topic received since its last run is merged into
+``raw/dt=D/part-hHH.parquet`` by event time, deduplicated by event_id, so the nightly run for a
+day trains on exactly what the stream saw (late events land in their own hour whenever they
+come). A failed archive fails the run (recorded as ``failed``, naming it): the next run lands
+what this one did not, since its offsets are committed only after the events are on disk.
 
 ``check_lag`` fails the run loudly when the consumer is still more than
 ``AirflowConfig.lag_threshold`` records behind the log end after the run: the updater is falling
@@ -58,6 +67,17 @@ def hourly_incremental():
         return report
 
     @task
+    def archive() -> dict[str, Any]:
+        """Bounded archiver run: the topic's new events landed as raw Parquet; returns its report."""
+        from streaming.archiver import run_archiver
+
+        ctx = get_current_context()
+        with common.reported_errors(ctx["ti"]):
+            report = common.jsonable(run_archiver(load_settings(), "bounded", max_seconds=0.9 * CFG.hourly_timeout_s))
+        log.info("hourly run %s: archiver report %s", ctx["logical_date"], report)
+        return report
+
+    @task
     def check_lag(report: dict[str, Any]) -> str:
         """Fail loudly when the consumer is too far behind the topic after its run."""
         ctx = get_current_context()
@@ -79,13 +99,14 @@ def hourly_incremental():
             kind="incremental",
             task_ids=common.HOURLY_TASKS,
             period=dt.timedelta(hours=1),
-            outcome=lambda states, errors, v: common.hourly_outcome(states, errors, v["consumer"]),
-            xcoms={"consumer": ("consume", "return_value")},
+            outcome=lambda states, errors, v: common.hourly_outcome(states, errors, v["consumer"], v["archive"]),
+            xcoms={"consumer": ("consume", "return_value"), "archive": ("archive", "return_value")},
         )
 
     report = consume()
     checked = check_lag(report)
-    [report, checked] >> record_run().as_teardown()
+    landed = archive()
+    [report, checked, landed] >> record_run().as_teardown()
 
 
 hourly_incremental()

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from twotower.atomic import atomic_write_dir
+from twotower.atomic import atomic_write_dir, dir_lock
 from twotower.contracts import ATTR_TABLE_SCHEMA, RAW_EVENT_SCHEMA, day_of_ms
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,9 @@ def write_raw_events(events: pa.Table, raw_dir: Path) -> list[str]:
     for day_num in np.unique(days):
         part = events.filter(pa.array(days == day_num))
         day = day_of_ms(int(day_num) * 86_400_000).isoformat()
-        atomic_write_dir(raw_dir / f"dt={day}", lambda d, t=part: pq.write_table(t, d / "part-0.parquet"))
+        target = raw_dir / f"dt={day}"
+        with dir_lock(target):  # not while an archiver merges events into this day (streaming.archiver)
+            atomic_write_dir(target, lambda d, t=part: pq.write_table(t, d / "part-0.parquet"))
         written.append(day)
     return written
 

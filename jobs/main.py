@@ -2,8 +2,8 @@
 
 ``run_main``: pick the input (DATA=file, else MovieLens-100K when present, else the seeded
 synthetic generator, saying which), ingest it to raw Parquet, run the nightly retrain for the
-logical date, then stream the days after the cutoff through Kafka and apply the hourly updates
-when the streaming path is available.
+logical date, then stream the days after the cutoff through Kafka, apply the hourly updates and
+land the stream as raw Parquet (the archiver, as the hourly DAG runs it).
 """
 
 from __future__ import annotations
@@ -81,12 +81,15 @@ def run_main(settings: Settings, data: str | None = None, day: dt.date | None = 
 
 
 def run_incremental_replay(settings: Settings, day: dt.date) -> dict[str, Any]:
-    """Stream the raw days after D's cutoff through Kafka, then apply every closed hour.
+    """Stream the raw days after D's cutoff through Kafka, apply every closed hour, then land the
+    topic as raw Parquet (the archiver; here every streamed event is already in raw, since the
+    replay read it from there, so the landing shows the deduplication: nothing new is written).
 
     The replay is recorded in Redis so a second ``make run`` does not publish the same events
     again (the consumer would drop them as duplicates anyway, but the topic would grow).
     """
     from jobs.redis_conn import redis_client
+    from streaming.archiver import run_archiver
     from streaming.consumer import run_bounded
     from streaming.replayer import replay
     from twotower import redis_keys
@@ -115,7 +118,14 @@ def run_incremental_replay(settings: Settings, day: dt.date) -> dict[str, Any]:
         report.get("events_applied"),
         report.get("dead_letters"),
     )
-    return {"replayed_events": replayed, "consumer": report}
+    landed = run_archiver(settings, "bounded")
+    log.info(
+        "archive: %s new events landed as raw Parquet, %s already there (the batch ingest's), %s invalid",
+        landed.get("events_written"),
+        landed.get("duplicates_skipped"),
+        landed.get("invalid"),
+    )
+    return {"replayed_events": replayed, "consumer": report, "archive": landed}
 
 
 QUALITY_ROWS = ("hit@10", "hit@50", "hit@100", "ndcg@10")

@@ -12,7 +12,15 @@ Exactly-once in effect, by deduplication: a flush reads the event ids already in
 them into the hour's file and replaces that file atomically (write to a temporary name, then
 rename). Offsets are committed only after the flush, so a crash re-reads events that the next
 flush finds already landed. Readers see each hour file either before or after a flush, never
-half of one.
+half of one. The read-merge-replace of a day runs under the day's write lock
+(twotower.atomic.dir_lock, which the batch ingest takes too): two archivers landing the same
+hour at once (the hourly DAG's run beside a continuous one, or two members of the group across
+a rebalance) would otherwise each merge into the file as they read it, and the later rename
+would drop the other's events after both had committed their offsets.
+
+Who runs it: the hourly DAG (dags/hourly_incremental.py, task ``archive``, beside the consumer)
+and ``make run`` after its replay, each in bounded mode; its consumer group is its own
+(``KafkaConfig.archiver_group_id``), so it reads every record whatever the consumer does.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streaming.events import Event, Limits, Rejection, parse_event
+from twotower.atomic import dir_lock
 from twotower.config import Settings, load_settings
 from twotower.contracts import RAW_EVENT_SCHEMA, day_of_ms, raw_partition
 
@@ -93,37 +102,39 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
 
 
 def land_events(raw_dir: Path, events: list[Event]) -> dict[str, int]:
-    """Merge events into their day/hour files, skipping event ids already in the day.
-
-    Returns counts: ``written``, ``duplicates``, ``files``, plus the days touched under ``days``
-    (as a count; the caller logs them).
-    """
+    """Merge events into their day/hour files, skipping event ids already in the day (each day
+    under its write lock). Returns the counts ``written``, ``duplicates`` (already in
+    the day, or repeated within ``events``) and ``files`` (hour files replaced)."""
     by_day: dict[dt.date, list[Event]] = {}
     for e in events:
         by_day.setdefault(day_of_ms(e.ts), []).append(e)
     written = dupes = files = 0
     for day, day_events in sorted(by_day.items()):
         day_dir = raw_partition(raw_dir, day)
-        day_dir.mkdir(parents=True, exist_ok=True)
-        have = existing_event_ids(day_dir)
-        fresh: dict[str, Event] = {}
-        for e in day_events:
-            if e.event_id in have or e.event_id in fresh:
-                dupes += 1
-            else:
-                fresh[e.event_id] = e
-        by_hour: dict[int, list[Event]] = {}
-        for e in fresh.values():
-            by_hour.setdefault((e.ts // 3_600_000) % 24, []).append(e)
-        for hour, hour_events in sorted(by_hour.items()):
-            path = hour_file(raw_dir, day, hour)
-            table = events_table(hour_events)
-            if path.exists():
-                table = pa.concat_tables([pq.read_table(path).cast(RAW_EVENT_SCHEMA), table])
-            _atomic_write(table.sort_by([("ts", "ascending"), ("event_id", "ascending")]), path)
-            files += 1
-            written += len(hour_events)
+        with dir_lock(day_dir):  # the ids read here must still be all the day holds at the rename
+            day_dir.mkdir(parents=True, exist_ok=True)
+            counts = _land_day(raw_dir, day, day_events, existing_event_ids(day_dir))
+        written, dupes, files = written + counts[0], dupes + counts[1], files + counts[2]
     return {"written": written, "duplicates": dupes, "files": files}
+
+
+def _land_day(raw_dir: Path, day: dt.date, events: list[Event], have: set[str]) -> tuple[int, int, int]:
+    """Merge the events not in ``have`` into their hour files of ``day``; (written, duplicates,
+    files). The caller holds the day's lock."""
+    fresh: dict[str, Event] = {}
+    for e in events:
+        if e.event_id not in have and e.event_id not in fresh:
+            fresh[e.event_id] = e
+    by_hour: dict[int, list[Event]] = {}
+    for e in fresh.values():
+        by_hour.setdefault((e.ts // 3_600_000) % 24, []).append(e)
+    for hour, hour_events in sorted(by_hour.items()):
+        path = hour_file(raw_dir, day, hour)
+        table = events_table(hour_events)
+        if path.exists():
+            table = pa.concat_tables([pq.read_table(path).cast(RAW_EVENT_SCHEMA), table])
+        _atomic_write(table.sort_by([("ts", "ascending"), ("event_id", "ascending")]), path)
+    return len(fresh), len(events) - len(fresh), len(by_hour)
 
 
 class Archiver:

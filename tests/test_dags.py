@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from infra.airflow_env import airflow_env, settings_env
+from streaming.events import Event, parse_event
 from tests.airflow_fixtures import airflow_home, copy_raw, dag_settings, import_dag_helpers, run_dag  # noqa: F401
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401  (fixtures)
 from twotower import redis_keys as rk
@@ -106,9 +108,11 @@ def test_hourly_incremental_is_wired_as_designed(parsed):
     tasks = dag["tasks"]
     assert tasks["consume"]["downstream"] == ["check_lag", "record_run"]
     assert tasks["check_lag"]["downstream"] == ["record_run"]
+    assert tasks["archive"]["upstream"] == [] and tasks["archive"]["downstream"] == ["record_run"]  # beside the consumer
     assert tasks["record_run"]["teardown"] and tasks["record_run"]["trigger_rule"] == "all_done_setup_success"
-    assert tasks["record_run"]["upstream"] == ["check_lag", "consume"]
+    assert tasks["record_run"]["upstream"] == ["archive", "check_lag", "consume"]
     assert tasks["consume"]["timeout_s"] == 50 * 60 and tasks["consume"]["retries"] == 3
+    assert tasks["archive"]["timeout_s"] == 50 * 60 and tasks["archive"]["retries"] == 3
     assert dag["schedule"] == "CronDataIntervalTimetable 0 * * * * UTC" and dag["catchup"] is False and dag["max_active_runs"] == 1
 
 
@@ -209,15 +213,22 @@ def test_nightly_outcome(states, errors, gate, publish, expected):
 
 
 def test_hourly_outcome():
-    ok = {"consume": "success", "check_lag": "success"}
+    ok = {"consume": "success", "check_lag": "success", "archive": "success"}
     report = {"status": "ok", "hours_applied": 3, "users_updated": 40, "lag": 0}
-    assert common.hourly_outcome(ok, {}, report) == ("ok", "3 closed hour(s) applied to 40 user row(s); lag 0 records")
-    assert common.hourly_outcome(ok, {}, {"status": "no_version"})[0] == "no_version"
-    lagging = {"consume": "success", "check_lag": "failed"}
-    assert common.hourly_outcome(lagging, {"check_lag": "lag is 9 records"}, report) == ("lagging", "lag is 9 records")
-    assert common.hourly_outcome({"consume": "failed", "check_lag": "upstream_failed"}, {"consume": "KafkaError: x"}, None) == (
+    landed = {"status": "ok", "events_written": 12, "duplicates_skipped": 2}
+    assert common.hourly_outcome(ok, {}, report, landed) == (
+        "ok", "3 closed hour(s) applied to 40 user row(s); lag 0 records; 12 new event(s) landed as raw Parquet (2 already there)",
+    )  # fmt: skip
+    assert common.hourly_outcome(ok, {}, {"status": "no_version"}, landed)[0] == "no_version"
+    lagging = {**ok, "check_lag": "failed"}
+    assert common.hourly_outcome(lagging, {"check_lag": "lag is 9 records"}, report, landed) == ("lagging", "lag is 9 records")
+    assert common.hourly_outcome({"consume": "failed", "check_lag": "upstream_failed", "archive": "success"}, {"consume": "KafkaError: x"}, None, landed) == (
         "failed", "consume failed: KafkaError: x",
     )  # fmt: skip
+    # rows fresh, but the nightly would miss the stream's latest events: the run fails, naming the archive
+    status, reason = common.hourly_outcome({**ok, "archive": "failed"}, {"archive": "OSError: disk full"}, report, None)
+    assert status == "failed" and reason.startswith("archive failed") and reason.endswith("OSError: disk full")
+    assert common.hourly_outcome({**ok, "archive": "running"}, {}, report, None)[0] == "failed"  # unfinished
 
 
 def test_run_start_is_the_later_of_start_date_and_run_after():
@@ -289,7 +300,7 @@ def kafka_dag_settings(kafka_settings, airflow_home):  # noqa: F811
 @pytest.mark.redis
 def test_hourly_dag_applies_closed_hours_then_fails_loudly_when_lag_is_over_threshold(kafka_dag_settings, redis_client, tmp_path):
     """hourly_incremental against a real Kafka-protocol broker: the first run applies every closed
-    hour and passes the lag check; a second run with a threshold below zero changes nothing in
+    hour, passes the lag check and lands every valid event as raw Parquet; a second run with a threshold below zero changes nothing in
     Redis (exactly-once) and fails check_lag with the numbers, recorded as lagging."""
     from tests.kafka_fixtures import BASE_MS, make_stream, produce, publish_tiny, redis_snapshot, write_tiny_artifact
 
@@ -304,6 +315,11 @@ def test_hourly_dag_applies_closed_hours_then_fails_loudly_when_lag_is_over_thre
     assert first.exit_code == 0 and first.outcome is not None, first.explain()
     report = first.outcome["consumer"]
     assert first.outcome["status"] == "ok" and report["version"] == tiny.version
+    # the archive task landed every valid event once, by event time, for the nightly run
+    valid = {e.event_id for r in records if isinstance(e := parse_event(r.value, r.key, r.ts), Event)}
+    landed = first.outcome["archive"]
+    assert landed["status"] == "ok" and landed["events_written"] == len(valid) and landed["invalid"] > 0, landed
+    assert sorted(pq.read_table(s.paths.raw_dir)["event_id"].to_pylist()) == sorted(valid)
     assert report["hours_applied"] >= 8 and report["users_updated"] > 0 and report["lag"] == 0, report
     after = redis_snapshot(redis_client, s.redis.prefix, tiny.version)
     moved = [k for k, row in after["rows"].items() if row[1] > before["rows"].get(k, (None, -1))[1]]
@@ -315,8 +331,9 @@ def test_hourly_dag_applies_closed_hours_then_fails_loudly_when_lag_is_over_thre
     assert second.exit_code != 0 and second.outcome is not None, second.explain()
     assert second.outcome["status"] == "lagging"
     assert "consumer lag is 0 records after the hourly run, above the threshold of -1" in second.outcome["reason"]
-    assert second.outcome["task_states"] == {"consume": "success", "check_lag": "failed"}
+    assert second.outcome["task_states"] == {"consume": "success", "check_lag": "failed", "archive": "success"}
     assert second.outcome["consumer"]["hours_applied"] == 0
+    assert second.outcome["archive"]["records_read"] == second.outcome["archive"]["events_written"] == 0  # offsets committed
     again = redis_snapshot(redis_client, s.redis.prefix, tiny.version)  # a re-run applies nothing twice
     assert again["hists"] == after["hists"] and again["rows"].keys() == after["rows"].keys()
     for key, (row, w, n) in after["rows"].items():

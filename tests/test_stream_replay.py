@@ -110,3 +110,33 @@ def test_landing_merges_with_a_day_the_batch_ingest_wrote(ml_small_raw_dir, tmp_
     assert merged.num_rows == existing.num_rows + 1
     assert pc.count_distinct(merged["event_id"]).as_py() == merged.num_rows
     assert pq.read_table(raw / f"dt={day}" / "part-h05.parquet")["event_id"].to_pylist() == ["stream-1"]
+
+
+def _land_rounds(raw: str, worker: int, rounds: int, day_ms: int) -> None:
+    """One archiver process: ``rounds`` landings of its own events into the same hour file."""
+    from pathlib import Path
+
+    for r in range(rounds):
+        events = [Event(f"w{worker}-r{r}-{k}", f"u{worker}", "i1", "click", day_ms + 5 * 3_600_000 + k, 1.0) for k in range(3)]
+        land_events(Path(raw), events)
+
+
+@pytest.mark.slow
+def test_archivers_landing_the_same_hour_at_once_lose_nothing(tmp_path):
+    """Four archiver processes (members of one group after a rebalance, or an hourly run beside a
+    continuous one) land events of the same hour at the same time: every event is in the hour's
+    file once. Without the day lock each merges into the file as it read it and the later rename
+    drops the others' events."""
+    import multiprocessing
+
+    day = dt.date(1998, 3, 1)
+    workers, rounds = 4, 15
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_land_rounds, args=(str(tmp_path), w, rounds, day_start_ms(day))) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    ids = pq.read_table(tmp_path / f"dt={day}" / "part-h05.parquet")["event_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == workers * rounds * 3

@@ -340,8 +340,12 @@ def test_the_user_cache_is_bounded_and_dropped_whole_on_an_error(settings, redis
 
 
 def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
-    """Positives are padded to the widest block of a stack ([n, block, P, d] floats): stacks are
-    cut so that stays within the logit budget, and the rows are the same as with one stack."""
+    """Positives are padded to the widest block of a stack ([n, block, P, d] floats): a large
+    hour's blocks are sized and its stacks cut so that stays within the logit budget, and the rows
+    are those of the hour in one block, within float rounding. Not bit for bit: a block of another
+    size is another matrix product, which BLAS may round differently (seen on an AMD EPYC runner,
+    OpenBLAS's Haswell kernels); exactly-once needs only that an hour gets the same blocks in
+    every attempt (the tests of bits: test_a_batchs_passes_..., test_an_hours_blocks_...)."""
     import streaming.update as update
 
     seen: list[tuple[int, int, int]] = []
@@ -364,7 +368,8 @@ def test_a_heavy_user_makes_the_stacks_smaller(settings, version, monkeypatch):
     assert len(seen) > 1 and all(n * block * p * d <= cfg.logit_budget for n, block, p in seen)
     assert max(p for _, _, p in seen) == 30 and min(p for _, _, p in seen) == 1  # the heavy user's block alone is wide
     whole = update.hour_rows(version, rows, [1] * len(targets), no_history, targets, H0, dataclasses.replace(cfg, logit_budget=10**9))
-    assert np.array_equal(out, whole)
+    np.testing.assert_allclose(out, whole, rtol=0, atol=1e-6)
+
 
 @pytest.mark.parametrize("negatives", [0, 7])
 def test_a_batchs_passes_give_every_row_the_bits_it_gets_in_its_hour_alone(version, settings, negatives):

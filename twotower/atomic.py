@@ -1,11 +1,34 @@
-"""Atomic directory writes: readers see the old directory or the new one, never half of one."""
+"""Atomic directory writes: readers see the old directory or the new one, never half of one; and
+the lock that writers of one directory take so that their read-modify-writes do not interleave."""
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+
+@contextmanager
+def dir_lock(target: Path) -> Iterator[None]:
+    """Hold the exclusive write lock of directory ``target`` (which need not exist yet).
+
+    An advisory ``flock`` on ``.<name>.lock`` beside ``target``: beside, not inside, because
+    ``atomic_write_dir`` swaps the directory itself; the leading dot keeps it out of every
+    reader's listing (Spark and pyarrow skip hidden files, the project's readers list
+    ``*.parquet`` and ``dt=*``). The kernel releases it when the process dies, so a killed writer
+    never leaves a directory locked. Readers take no lock: each file is replaced by a rename.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
