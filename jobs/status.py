@@ -8,6 +8,7 @@
       "metrics": {"hit@10", "hit@50", "hit@100", "ndcg@10", "ann": {same keys} | null} | null,
       "index": {"type", "nlist", "m", "nbits", "nprobe", "ann_recall_at_100", "n_items", "fallback"} | null,
       "incremental": {...} | null,
+      "archive": {"checked_at", "landed_at", "newest_event", "events_written", "duplicates_skipped", "invalid", "status"} | null,
       "note": "..."            (only when nothing is published yet)
     }
 
@@ -84,6 +85,21 @@ def full_retrain_view(run: dict[str, Any] | None, meta_of: Any) -> dict[str, Any
     }
 
 
+def archive_view(raw: bytes | str | None) -> dict[str, Any] | None:
+    """The archiver's last recorded landing (streaming.archiver.archive_status) with ISO times:
+    when it last read the topic (``checked_at``), last landed events (``landed_at``) and how far
+    in event time raw Parquet reaches (``newest_event``). None when it never ran. Pure."""
+    if not raw:
+        return None
+    rec = json.loads(raw)
+    return {
+        "checked_at": _ms_iso(rec.get("checked_at")),
+        "landed_at": _ms_iso(rec.get("landed_at")),
+        "newest_event": _ms_iso(rec.get("newest_event_ts")),
+        **{k: rec.get(k) for k in ("events_written", "duplicates_skipped", "invalid", "status")},
+    }
+
+
 def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:
     """The status report as a JSON-ready dict (valid also when nothing is published)."""
     from jobs.redis_conn import redis_client
@@ -104,6 +120,7 @@ def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[s
             "metrics": pick_metrics((meta or {}).get("metrics")),
             "index": pick_index((meta or {}).get("index")),
             "incremental": incremental_status(settings, client),
+            "archive": archive_view(client.get(redis_keys.archive(prefix))),
         }
     finally:
         if own:

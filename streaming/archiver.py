@@ -18,6 +18,11 @@ hour at once (the hourly DAG's run beside a continuous one, or two members of th
 a rebalance) would otherwise each merge into the file as they read it, and the later rename
 would drop the other's events after both had committed their offsets.
 
+After each flush and at the end of a run it records what it did in Redis (``<prefix>:archive``,
+``archive_status``: when it last ran and last landed events, the newest event time landed, the
+run's counts), which ``make status`` shows as ``archive``. Failing to record that is logged and
+does not fail the landing.
+
 Who runs it: the hourly DAG (dags/hourly_incremental.py, task ``archive``, beside the consumer)
 and ``make run`` after its replay, each in bounded mode; its consumer group is its own
 (``KafkaConfig.archiver_group_id``), so it reads every record whatever the consumer does.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -35,13 +41,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streaming.events import Event, Limits, Rejection, parse_event
+from twotower import redis_keys
 from twotower.atomic import dir_lock
 from twotower.config import Settings, load_settings
 from twotower.contracts import RAW_EVENT_SCHEMA, day_of_ms, raw_partition
@@ -63,6 +70,25 @@ class ArchiveReport:
     flushes: int = 0
     seconds: float = 0.0
     days: list[str] = field(default_factory=list)
+
+
+def archive_status(previous: dict[str, Any] | None, report: ArchiveReport, newest_ts: int | None, now_ms: int, landed: bool) -> dict[str, Any]:
+    """What ``<prefix>:archive`` holds after a flush or at the end of a run (pure): ``checked_at``
+    (epoch ms, wall clock: the archiver last read the topic up to where it stopped), ``landed_at``
+    (the last flush that had events to land, new or already there), ``newest_event_ts`` (the
+    latest event time ever landed: how far raw Parquet reaches), and the current run's
+    ``events_written``, ``duplicates_skipped``, ``invalid`` and ``status``."""
+    previous = previous or {}
+    newest = max((t for t in (previous.get("newest_event_ts"), newest_ts) if t is not None), default=None)
+    return {
+        "checked_at": now_ms,
+        "landed_at": now_ms if landed else previous.get("landed_at"),
+        "newest_event_ts": newest,
+        "events_written": report.events_written,
+        "duplicates_skipped": report.duplicates_skipped,
+        "invalid": report.invalid,
+        "status": report.status,
+    }
 
 
 def hour_file(raw_dir: Path, day: dt.date, hour: int) -> Path:
@@ -140,10 +166,13 @@ def _land_day(raw_dir: Path, day: dt.date, events: list[Event], have: set[str]) 
 class Archiver:
     """Consume the topic (its own consumer group) and land it (clients injected)."""
 
-    def __init__(self, settings: Settings, kafka_consumer, mode: str = "bounded"):
+    def __init__(self, settings: Settings, kafka_consumer, mode: str = "bounded", record: Callable[[ArchiveReport, int | None, bool], None] | None = None):
+        """``record(report, newest event ts of the flush or None, whether it landed anything)``
+        is called after each flush and at the end (``run_archiver`` writes ``archive_status``)."""
         self.s = settings
         self.kc = kafka_consumer
         self.mode = mode
+        self.record = record
         self.limits = Limits(max_bytes=settings.incremental.max_event_bytes, max_ahead_of_record_ms=settings.incremental.max_event_ahead_s * 1000)
         self.buffer: list[Event] = []
         self.pending: dict[Any, int] = {}  # TopicPartition -> next offset, committed after a flush
@@ -159,6 +188,7 @@ class Archiver:
         from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
+        newest = max((e.ts for e in self.buffer), default=None)
         if self.buffer:
             counts = land_events(self.s.paths.raw_dir, self.buffer)
             self.report.events_written += counts["written"]
@@ -174,6 +204,8 @@ class Archiver:
             except KafkaError as exc:  # a rebalance: the events are landed; a re-read is deduplicated
                 log.warning("archiver offset commit failed (%s); those records will be re-read and deduplicated", type(exc).__name__)
         self.report.flushes += 1
+        if self.record is not None:
+            self.record(self.report, newest, newest is not None)
 
     def run(self, max_seconds: float | None = None) -> ArchiveReport:
         t0 = time.monotonic()
@@ -227,8 +259,11 @@ def run_archiver(settings: Settings, mode: str = "bounded", max_seconds: float |
     """Run the archiver with a consumer from the factory; returns the report dict."""
     from streaming.clients import make_consumer
 
+    from jobs.redis_conn import redis_client
+
     consumer = make_consumer(settings.kafka, group_id=settings.kafka.archiver_group_id)
-    archiver = Archiver(settings, consumer, mode)
+    client = redis_client(settings)
+    archiver = Archiver(settings, consumer, mode, record=_status_recorder(client, redis_keys.archive(settings.redis.prefix)))
     if handle_signals:
         signal.signal(signal.SIGTERM, archiver.request_stop)
         signal.signal(signal.SIGINT, archiver.request_stop)
@@ -236,6 +271,23 @@ def run_archiver(settings: Settings, mode: str = "bounded", max_seconds: float |
         return asdict(archiver.run(max_seconds=max_seconds))
     finally:
         consumer.close()
+        client.close()
+
+
+def _status_recorder(client, key: str) -> Callable[[ArchiveReport, int | None, bool], None]:
+    """Archiver.record writing ``archive_status`` to ``key``; a Redis error is logged, not raised
+    (the events are on disk and their offsets committed: only the status line is stale)."""
+    from redis.exceptions import RedisError
+
+    def record(report: ArchiveReport, newest_ts: int | None, landed: bool) -> None:
+        try:
+            raw = client.get(key)
+            status = archive_status(json.loads(raw) if raw else None, report, newest_ts, int(time.time() * 1000), landed)
+            client.set(key, json.dumps(status, sort_keys=True))
+        except RedisError as exc:
+            log.warning("could not record the archiver's status in Redis (%s): the events are landed, `make status` shows an older landing", exc)
+
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from tests.publish_fixtures import tiny_settings, tiny_version
 from twotower import redis_keys
 from twotower.config import Settings
 
-STATUS_FIELDS = {"current_version", "previous_version", "switched_at", "full_retrain", "metrics", "index", "incremental"}
+STATUS_FIELDS = {"current_version", "previous_version", "switched_at", "full_retrain", "metrics", "index", "incremental", "archive"}
 
 
 def test_record_run_appends_newest_first(settings: Settings, redis_client):
@@ -57,7 +57,7 @@ def test_status_when_nothing_is_published_is_valid_json(settings: Settings, redi
     out = status_json(settings, client=redis_client)
     assert STATUS_FIELDS <= out.keys()
     assert out["current_version"] is None and out["full_retrain"] is None and out["metrics"] is None
-    assert out["index"] is None and out["incremental"] is None
+    assert out["index"] is None and out["incremental"] is None and out["archive"] is None
     assert "no model version is published yet" in out["note"]
     json.loads(json.dumps(out))
 
@@ -101,6 +101,29 @@ def test_incremental_section_reports_consumer_state(settings: Settings, redis_cl
     assert inc["version"] == "v1" and inc["last_window"] == hour and inc["watermark"] == hour + 4_000_000
     assert inc["users_updated"] == 5 and inc["events_applied"] == 11
     assert inc["consumer_lag"] == {0: 5, 1: 0} and inc["last_publish_at"] == 1_706_700_000_000
+
+
+def test_archive_section_keeps_the_last_landing_when_a_run_finds_nothing_new(settings: Settings, redis_client):
+    from streaming.archiver import ArchiveReport, archive_status
+
+    key = redis_keys.archive(settings.redis.prefix)
+    first = archive_status(None, ArchiveReport(events_written=12, duplicates_skipped=3), 1_706_670_123_000, 1_706_700_000_000, landed=True)
+    redis_client.set(key, json.dumps(first))
+    # an hour later: nothing new on the topic; the landing and how far raw reaches stay as they were
+    quiet = archive_status(first, ArchiveReport(), None, 1_706_703_600_000, landed=False)
+    redis_client.set(key, json.dumps(quiet))
+    assert status_json(settings, client=redis_client)["archive"] == {
+        "checked_at": "2024-01-31T12:20:00.000Z",
+        "landed_at": "2024-01-31T11:20:00.000Z",
+        "newest_event": "2024-01-31T03:02:03.000Z",
+        "events_written": 0,
+        "duplicates_skipped": 0,
+        "invalid": 0,
+        "status": "ok",
+    }
+    # an older event landed later (a late one) does not move how far raw reaches back
+    late = archive_status(quiet, ArchiveReport(events_written=1), 1_706_600_000_000, 1_706_707_200_000, landed=True)
+    assert late["newest_event_ts"] == 1_706_670_123_000 and late["landed_at"] == 1_706_707_200_000
 
 
 @pytest.mark.parametrize("url", ["http://localhost:6379", "localhost:6379"])

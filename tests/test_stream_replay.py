@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.status import status_json
 from streaming.archiver import land_events, run_archiver
 from streaming.events import Event
 from streaming.replayer import parse_time, publish, read_range, replay
@@ -89,11 +90,17 @@ def test_replay_then_archive_lands_exactly_the_replayed_events(kafka_settings, m
     got = landed.select(["event_id", "user_id", "item_id", "event_type", "ts", "weight"]).sort_by(key)
     want = source.sort_by(key)
     assert got.to_pylist() == want.to_pylist()
+    newest = dt.datetime.fromtimestamp(max(source["ts"].to_pylist()) / 1000, tz=dt.timezone.utc).isoformat(timespec="milliseconds")
+    status = status_json(dst)["archive"]  # what `make status` shows
+    assert status["events_written"] == source.num_rows and status["newest_event"] == newest.replace("+00:00", "Z")
+    assert status["landed_at"] is not None and status["landed_at"] <= status["checked_at"]
 
     # the same records read again (a new group, as after a crash before the commit) add nothing
     again = run_archiver(dst.replace("kafka", archiver_group_id=dst.kafka.archiver_group_id + "-2"), "bounded")
     assert again["events_written"] == 0 and again["duplicates_skipped"] == source.num_rows
     assert sorted(dst.paths.raw_dir.glob("dt=*/part-h*.parquet")) == files
+    later = status_json(dst)["archive"]
+    assert later["events_written"] == 0 and later["duplicates_skipped"] == source.num_rows and later["newest_event"] == status["newest_event"]
 
 
 def test_landing_merges_with_a_day_the_batch_ingest_wrote(ml_small_raw_dir, tmp_path):

@@ -15,6 +15,7 @@ one MULTI/EXEC. Every key that belongs to one model version carries the version.
                                       adding the same event twice is a no-op (idempotent to replays)
     <p>:runs                    list  JSON run records, newest first (nightly jobs, DAG runs)
     <p>:incr:*                  incremental consumer state (watermark, counters, offsets)
+    <p>:archive                 string JSON: the archiver's last landing (streaming.archiver.archive_status)
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def history_item(member: str | bytes) -> str:
 
 def runs(prefix: str) -> str:
     return f"{prefix}:runs"
+
+
+def archive(prefix: str) -> str:
+    return f"{prefix}:archive"
 
 
 def incremental(prefix: str, name: str) -> str:
