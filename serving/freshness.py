@@ -20,6 +20,10 @@ Definitions (all ages in seconds, all timestamps epoch milliseconds UTC):
                          counted from the version's publish time
     watermark_stale      watermark_lag_s > serving.watermark_stale_s (shown, not in the banner:
                          replays of historical data always lag)
+    archive_age_s        now - the archiver's last run (streaming.archiver: the topic landed as
+                         raw Parquet for the nightly run); None when it never ran here
+    archive_stale        a version serves and the archiver last ran more than
+                         serving.incremental_stale_s ago (it runs beside the consumer every hour)
 
 Freshness sample keys (one sorted set per metric, score = sample time ms, member
 ``"<ms>:<value>"``; trimmed to ``serving.history_hours``):
@@ -64,7 +68,8 @@ def gather(settings: Settings, client: redis.Redis) -> dict[str, Any]:
 
     Returns {"status": jobs.status.status_json, "meta": the current version's metadata or None,
     "retrain": the newest full_retrain run record or None, "incremental":
-    streaming.status.incremental_status or None}.
+    streaming.status.incremental_status or None, "archive": the archiver's record
+    (streaming.archiver.archive_status, epoch ms) or None}.
     """
     import json
 
@@ -81,7 +86,8 @@ def gather(settings: Settings, client: redis.Redis) -> dict[str, Any]:
         raw = client.get(redis_keys.version_meta(settings.redis.prefix, status["current_version"]))
         meta = json.loads(raw) if raw else None
     retrain = latest_run(settings, "full_retrain", client=client)
-    return {"status": status, "meta": meta, "retrain": retrain, "incremental": incremental}
+    archived = client.get(redis_keys.archive(settings.redis.prefix))
+    return {"status": status, "meta": meta, "retrain": retrain, "incremental": incremental, "archive": json.loads(archived) if archived else None}
 
 
 # --- derive (pure) --------------------------------------------------------------------------------
@@ -174,6 +180,9 @@ def derive(raw: dict[str, Any], now_ms: int, cfg: ServingConfig, serving_version
     incremental_stale = version is not None and since_incr is not None and since_incr > cfg.incremental_stale_s
     watermark_lag = _age_s(now_ms, watermark)
     watermark_stale = watermark_lag is not None and watermark_lag > cfg.watermark_stale_s
+    archive = raw.get("archive") or {}
+    archive_age = _age_s(now_ms, archive.get("checked_at"))
+    archive_stale = version is not None and archive_age is not None and archive_age > cfg.incremental_stale_s
 
     reasons: list[str] = []
     if version is None:
@@ -183,6 +192,11 @@ def derive(raw: dict[str, Any], now_ms: int, cfg: ServingConfig, serving_version
     if incremental_stale:
         what = "no incremental publish since the version was published" if incr_age is None else "last incremental publish"
         reasons.append(f"{what} {human_duration(since_incr)} ago (limit {human_duration(cfg.incremental_stale_s)})")
+    if archive_stale:
+        reasons.append(
+            f"the archiver last landed the stream as raw Parquet {human_duration(archive_age)} ago "
+            f"(limit {human_duration(cfg.incremental_stale_s)}): the nightly run would train without the newer events"
+        )
 
     return {
         "now_ms": int(now_ms),
@@ -208,6 +222,11 @@ def derive(raw: dict[str, Any], now_ms: int, cfg: ServingConfig, serving_version
         "consumer_lag": lag,
         "consumer_lag_total": sum(lag.values()) if lag else None,
         "dead_letters": incr.get("dead_letters") if incr else None,
+        "archive_checked_ms": archive.get("checked_at"),
+        "archive_age_s": archive_age,
+        "archive_stale": bool(archive_stale),
+        "archive_landed_ms": archive.get("landed_at"),
+        "raw_newest_event_ms": archive.get("newest_event_ts"),
         "index_n_items": index.get("n_items") if index else meta.get("n_items"),
         "ann_recall_at_100": index.get("ann_recall_at_100") if index else None,
         "index_type": index_label(index),

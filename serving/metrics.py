@@ -37,6 +37,7 @@ FRESHNESS_GAUGES: dict[str, tuple[str, str]] = {
     "tt_index_ann_recall_at_100": ("ann_recall_at_100", "Measured ANN recall@100 against exact search of the serving index."),
     "tt_users_updated_last_hour": ("users_updated_last_hour", "User-ID rows the incremental path updated in the last closed hour."),
     "tt_events_applied_last_hour": ("events_applied_last_hour", "Events the incremental path applied in the last closed hour."),
+    "tt_archive_last_run_age_seconds": ("archive_age_s", "Seconds since the archiver last landed the topic as raw Parquet."),
 }
 
 
@@ -87,7 +88,7 @@ def freshness_metrics(fresh: dict[str, Any]) -> Iterator[Metric]:
         dead.add_metric([], float(fresh["dead_letters"]))
     yield dead
     stale = GaugeMetricFamily("tt_stale", "1 when a freshness threshold is exceeded.", labels=["what"])
-    for what in ("model", "incremental", "watermark"):
+    for what in ("model", "incremental", "watermark", "archive"):
         stale.add_metric([what], 1.0 if fresh.get(f"{what}_stale") else 0.0)
     yield stale
 

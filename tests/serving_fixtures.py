@@ -234,6 +234,18 @@ def write_incremental_state(client, prefix: str, sc: IncrementalScenario) -> Non
     state.set_status(sc.version, sc.watermark_ms, sc.last_window_ms, sc.published_at_ms, sc.published_at_ms)
 
 
+def write_archive_state(client, prefix: str, checked_ms: int, newest_event_ts: int) -> None:
+    """The archiver's status record (streaming.archiver.archive_status) of a run at ``checked_ms``
+    that landed events up to ``newest_event_ts``."""
+    import json
+
+    from streaming.archiver import ArchiveReport, archive_status
+    from twotower import redis_keys
+
+    status = archive_status(None, ArchiveReport(events_written=42), newest_event_ts, checked_ms, landed=True)
+    client.set(redis_keys.archive(prefix), json.dumps(status))
+
+
 # --- headless Chromium (Debian's package; infra/install_chromium.sh installs it) -----------------
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -25,6 +25,7 @@ from tests.serving_fixtures import (
     scenario,
     screenshot,
     shared_deployment,
+    write_archive_state,
     write_incremental_state,
 )
 from twotower.config import PROJECT_ROOT
@@ -80,6 +81,9 @@ def check_page_matches_freshness(dom: dict, f: dict, hist: dict) -> None:
     assert num(dom["watermark-lag"]) == pytest.approx(f["watermark_lag_s"], abs=AGE_SLACK_S)
     assert int(dom["dead-letters"].value) == f["dead_letters"]
     assert dom["dead-letters"].text.strip() == f"{f['dead_letters']:,}"
+    assert num(dom["archive-age"]) == pytest.approx(f["archive_age_s"], abs=AGE_SLACK_S)
+    assert int(dom["raw-newest-event"].value) == f["raw_newest_event_ms"]
+    assert ("stale" in dom["archive-age"].classes) is f["archive_stale"]
     assert int(dom["consumer-lag-total"].value) == f["consumer_lag_total"]
     for partition, lag in f["consumer_lag"].items():
         assert dom[f"consumer-lag-p{partition}"].text.strip() == f"{lag:,}"
@@ -105,6 +109,7 @@ def test_dashboard_shows_what_freshness_says_and_flags_stale_states(deployment, 
     now_ms = int(time.time() * 1000)
     sc = scenario(deployment.version, now_ms, publish_age_s=600)
     write_incremental_state(rclient, prefix, sc)
+    write_archive_state(rclient, prefix, now_ms - 600_000, sc.watermark_ms)
     seed_samples(rclient, prefix, settings.serving, now_ms)
 
     # --- fresh: everything within thresholds ------------------------------------------------------
@@ -118,7 +123,7 @@ def test_dashboard_shows_what_freshness_says_and_flags_stale_states(deployment, 
     assert dom["top"].attrs["data-ready"] == "1", dom["banner"].text
     assert f["dead_letters"] == sum(sc.dead.values()) and f["consumer_lag_total"] == sum(sc.lag.values())
     assert hist["events_applied"] == sc.events and hist["users_updated"] == sc.users
-    assert f["incremental_stale"] is False and f["model_stale"] is False
+    assert f["incremental_stale"] is False and f["model_stale"] is False and f["archive_stale"] is False
     check_page_matches_freshness(dom, f, hist)
     assert dom["banner"].value == "ok" and "stale" not in dom["banner"].classes
     assert "stale" not in dom["card-incremental"].classes and "stale" not in dom["card-model"].classes
@@ -129,6 +134,7 @@ def test_dashboard_shows_what_freshness_says_and_flags_stale_states(deployment, 
     # --- stale: the hourly path stopped 3 h ago, and the model passed its (shortened) age limit ---
     stale_sc = scenario(deployment.version, now_ms, publish_age_s=3 * 3600)
     write_incremental_state(rclient, prefix, stale_sc)
+    write_archive_state(rclient, prefix, now_ms - 3 * 3600_000, stale_sc.watermark_ms)
     stale_settings = settings.replace("serving", model_stale_s=1)
     time.sleep(1.5)  # the model is now older than 1 s
     with ServerThread(create_app(stale_settings)) as srv:
@@ -138,8 +144,9 @@ def test_dashboard_shows_what_freshness_says_and_flags_stale_states(deployment, 
         shot = screenshot(srv.url + "/", tmp_path / "dashboard-stale.png", tmp_path / "profile-shot-stale")
     dom = elements_by_id(html)
     f = body["freshness"]
-    assert f["incremental_stale"] is True and f["model_stale"] is True
+    assert f["incremental_stale"] is True and f["model_stale"] is True and f["archive_stale"] is True
     check_page_matches_freshness(dom, f, hist)
+    assert "the archiver last landed the stream as raw Parquet 3.0 h ago" in dom["banner"].text
     assert dom["banner"].value == "stale" and "stale" in dom["banner"].classes
     assert "STALE" in dom["banner"].text
     for card, note, flagged in [("card-incremental", "incremental-stale-note", "incremental-age"), ("card-model", "model-stale-note", "model-age")]:
@@ -159,3 +166,4 @@ def test_dashboard_with_nothing_published_says_so(settings, redis_client, tmp_pa
     assert dom["banner"].value == "stale" and "no model version is published" in dom["banner"].text
     assert dom["index-n-items"].value == "" and dom["dead-letters"].value == ""
     assert dom["last-incremental"].text.strip() == "never"
+    assert dom["archive-age"].text.strip() == "never" and dom["archive-age"].value == ""

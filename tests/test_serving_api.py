@@ -322,7 +322,8 @@ HOUR_S = 3600
 T0_MS = 1_800_000_000_000
 
 
-def raw_state(trained_ago_s: float | None, incr_ago_s: float | None, published_ago_s: float = 60.0, version: str | None = "v2"):
+def raw_state(trained_ago_s: float | None, incr_ago_s: float | None, published_ago_s: float = 60.0, version: str | None = "v2",
+              archive_ago_s: float | None = None):
     meta = None
     if version:
         meta = {
@@ -339,7 +340,11 @@ def raw_state(trained_ago_s: float | None, incr_ago_s: float | None, published_a
             "consumer_lag": {0: 7, 1: 0, 3: 5}, "dead_letters": 4,
         }  # fmt: skip
     status = {"current_version": version, "previous_version": "v1" if version else None}
-    return {"status": status, "meta": meta, "retrain": None, "incremental": incr}
+    archive = None
+    if archive_ago_s is not None:
+        archive = {"checked_at": T0_MS - int(archive_ago_s * 1000), "landed_at": T0_MS - int(archive_ago_s * 1000) - 60_000,
+                   "newest_event_ts": T0_MS - 7200_000, "events_written": 5, "duplicates_skipped": 0, "invalid": 0, "status": "ok"}  # fmt: skip
+    return {"status": status, "meta": meta, "retrain": None, "incremental": incr, "archive": archive}
 
 
 @pytest.mark.parametrize("trained_ago_s, stale", [(36 * HOUR_S - 1, False), (36 * HOUR_S + 1, True)])
@@ -379,6 +384,22 @@ def test_derived_lag_dead_letters_and_index():
     assert f["index_n_items"] == 5000 and f["ann_recall_at_100"] == 0.961
     assert f["index_type"] == "IVF-PQ (IVF64,PQ16, nprobe 8)"
     assert f["users_updated_last_hour"] == 40 and f["events_applied_last_hour"] == 300
+
+
+@pytest.mark.parametrize("archive_ago_s, stale", [(None, False), (2 * HOUR_S - 1, False), (2 * HOUR_S + 1, True)])
+def test_archive_stale_after_2_hours_without_a_run(archive_ago_s, stale):
+    from serving.metrics import ServingMetrics
+
+    f = fr.derive(raw_state(HOUR_S, 600, archive_ago_s=archive_ago_s), T0_MS, ServingConfig())
+    assert f["archive_age_s"] == archive_ago_s and f["archive_stale"] is stale
+    assert any("the archiver last landed the stream" in r for r in f["stale_reasons"]) is stale
+    if archive_ago_s is not None:
+        assert f["raw_newest_event_ms"] == T0_MS - 7200_000 and f["archive_landed_ms"] == T0_MS - int(archive_ago_s * 1000) - 60_000
+    values = metric_values(ServingMetrics(lambda: f).render().decode())
+    assert values['tt_stale{what="archive"}'] == int(stale)
+    assert values.get("tt_archive_last_run_age_seconds") == archive_ago_s  # absent when it never ran
+    # nothing published: nothing to land for, so no archive noise
+    assert fr.derive(raw_state(None, None, version=None, archive_ago_s=10 * HOUR_S), T0_MS, ServingConfig())["archive_stale"] is False
 
 
 def test_freshness_gauges_carry_the_derived_values():

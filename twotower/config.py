@@ -381,7 +381,8 @@ class ServingConfig:
     max_user_id_len: int = 256
     """Longest user id (characters) /recall accepts; longer gets HTTP 422."""
     incremental_stale_s: int = 2 * 3600
-    """The hourly path is flagged stale when its last publish is older than this (seconds)."""
+    """The hourly path is flagged stale when its last publish is older than this (seconds); so is
+    the archiver when its last run is (serving.freshness: it runs beside the consumer hourly)."""
     model_stale_s: int = 36 * 3600
     """The model version is flagged stale when it was trained longer ago than this (seconds)."""
     watermark_stale_s: int = 2 * 3600
