@@ -119,10 +119,12 @@ def test_landing_merges_with_a_day_the_batch_ingest_wrote(ml_small_raw_dir, tmp_
     assert pq.read_table(raw / f"dt={day}" / "part-h05.parquet")["event_id"].to_pylist() == ["stream-1"]
 
 
-def _land_rounds(raw: str, worker: int, rounds: int, day_ms: int) -> None:
-    """One archiver process: ``rounds`` landings of its own events into the same hour file."""
+def _land_rounds(raw: str, worker: int, rounds: int, day_ms: int, start) -> None:
+    """One archiver process: ``rounds`` landings of its own events into the same hour file, begun
+    when every process is ready (``start``, a barrier: spawned processes import at different speeds)."""
     from pathlib import Path
 
+    start.wait(timeout=60)
     for r in range(rounds):
         events = [Event(f"w{worker}-r{r}-{k}", f"u{worker}", "i1", "click", day_ms + 5 * 3_600_000 + k, 1.0) for k in range(3)]
         land_events(Path(raw), events)
@@ -137,9 +139,10 @@ def test_archivers_landing_the_same_hour_at_once_lose_nothing(tmp_path):
     import multiprocessing
 
     day = dt.date(1998, 3, 1)
-    workers, rounds = 4, 15
+    workers, rounds = 4, 20
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_land_rounds, args=(str(tmp_path), w, rounds, day_start_ms(day))) for w in range(workers)]
+    start = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_land_rounds, args=(str(tmp_path), w, rounds, day_start_ms(day), start)) for w in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
