@@ -17,7 +17,10 @@ persisted). redis-py loads a pipeline's scripts once, before its first attempt, 
 retried across a restart would fail with NoScriptError (and ours skip even that check once a
 pool has loaded a script: it cost a round trip per pipeline). ``ResilientRedis`` pipelines load the
 missing scripts again and re-run exactly the commands that failed that way (the others did
-run, and are not repeated).
+run, and are not repeated). Its scripts called on their own (``register_script``) do the same
+until the server keeps them: redis-py reloads once, and a server that restarts again between
+that reload and the call (seen in the fault suite: the consumer's checkpoint write died of it)
+answers NoScriptError a second time. Re-running is safe: a call answered NoScriptError did not run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import EqualJitterBackoff
 from redis.client import Pipeline
+from redis.commands.core import Script
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -43,6 +47,8 @@ HEALTH_CHECK_INTERVAL_S = 30
 BACKOFF_BASE_S = 0.25
 """Retry n waits between half and all of min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**n) seconds."""
 BACKOFF_CAP_S = 8.0
+SCRIPT_RELOADS = 5
+"""Times a script call or a pipeline's script commands are re-run after NoScriptError."""
 
 
 class ScriptReloadingPipeline(Pipeline):
@@ -68,8 +74,10 @@ class ScriptReloadingPipeline(Pipeline):
             return super().execute(raise_on_error)
         stack, scripts = list(self.command_stack), set(self.scripts)
         results = super().execute(raise_on_error=False)  # resets the pipeline
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
+        for _ in range(SCRIPT_RELOADS):
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if not missing:
+                break
             log.warning(
                 "Redis no longer knows %d of this pipeline's Lua script calls (it restarted and lost its "
                 "script cache); loading the scripts again and re-running those commands", len(missing),
@@ -113,11 +121,28 @@ class LoggedRetry(Retry):
         return super().call_with_retry(do, logged_fail, retryable, with_failure_count)
 
 
+class ReloadingScript(Script):
+    """redis-py's Script, reloaded for as long as the server forgets it (``SCRIPT_RELOADS``
+    times), not once."""
+
+    def __call__(self, keys=None, args=None, client=None):
+        for attempt in range(SCRIPT_RELOADS + 1):
+            try:
+                return super().__call__(keys, args, client)  # evalsha; on NoScriptError: load, evalsha
+            except NoScriptError:
+                if attempt == SCRIPT_RELOADS:
+                    raise
+                log.warning("Redis forgot a Lua script again right after loading it (it restarted once more); loading it again")
+
+
 class ResilientRedis(redis.Redis):
-    """``redis.Redis`` whose pipelines reload Lua scripts a restarted server forgot."""
+    """``redis.Redis`` whose pipelines and scripts reload Lua scripts a restarted server forgot."""
 
     def pipeline(self, transaction: bool = True, shard_hint=None) -> Pipeline:
         return ScriptReloadingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+    def register_script(self, script) -> ReloadingScript:
+        return ReloadingScript(self, script)
 
 
 def redacted_url(url: str) -> str:

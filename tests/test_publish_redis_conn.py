@@ -73,3 +73,27 @@ def test_pipelines_check_their_scripts_once_and_reload_what_redis_forgot(setting
         assert pipe.execute() == [6]
     finally:
         client.delete(key)
+
+
+def test_a_script_is_reloaded_for_as_long_as_redis_forgets_it(settings: Settings):
+    """A server that restarts again between redis-py's one reload and the call answers
+    NoScriptError a second time (the fault suite's Redis restarts hit it in the consumer's
+    checkpoint write); the client loads the script again until the server keeps it."""
+    client = redis_client(settings)
+    script = client.register_script("return 41 + 1")
+    load = client.script_load
+    forgotten = iter([True, True, True])  # the next three loads are lost at once, as if Redis restarted each time
+
+    def load_then_restart(source):
+        sha = load(source)
+        if next(forgotten, False):
+            client.script_flush()
+        return sha
+
+    client.script_load = load_then_restart
+    try:
+        client.script_flush()
+        assert script() == 42
+        assert next(forgotten, None) is None  # every forgetful load happened
+    finally:
+        client.close()
