@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from jobs.runs import iso_utc, latest_run
-from streaming.status import incremental_status
+from streaming.status import archive_record, incremental_status
 from twotower import redis_keys
 from twotower.config import Settings
 from twotower.contracts import ARTIFACT_FILES
@@ -85,13 +85,12 @@ def full_retrain_view(run: dict[str, Any] | None, meta_of: Any) -> dict[str, Any
     }
 
 
-def archive_view(raw: bytes | str | None) -> dict[str, Any] | None:
-    """The archiver's last recorded landing (streaming.archiver.archive_status) with ISO times:
+def archive_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The archiver's last recorded landing (streaming.status.archive_record) with ISO times:
     when it last read the topic (``checked_at``), last landed events (``landed_at``) and how far
     in event time raw Parquet reaches (``newest_event``). None when it never ran. Pure."""
-    if not raw:
+    if rec is None:
         return None
-    rec = json.loads(raw)
     return {
         "checked_at": _ms_iso(rec.get("checked_at")),
         "landed_at": _ms_iso(rec.get("landed_at")),
@@ -120,7 +119,7 @@ def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[s
             "metrics": pick_metrics((meta or {}).get("metrics")),
             "index": pick_index((meta or {}).get("index")),
             "incremental": incremental_status(settings, client),
-            "archive": archive_view(client.get(redis_keys.archive(prefix))),
+            "archive": archive_view(archive_record(client, prefix)),
         }
     finally:
         if own:

@@ -69,13 +69,13 @@ def gather(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     Returns {"status": jobs.status.status_json, "meta": the current version's metadata or None,
     "retrain": the newest full_retrain run record or None, "incremental":
     streaming.status.incremental_status or None, "archive": the archiver's record
-    (streaming.archiver.archive_status, epoch ms) or None}.
+    (streaming.status.archive_record, epoch ms) or None}.
     """
     import json
 
     from jobs.runs import latest_run
     from jobs.status import status_json
-    from streaming.status import incremental_status
+    from streaming.status import archive_record, incremental_status
     from twotower import redis_keys
 
     status = status_json(settings, client)
@@ -86,8 +86,8 @@ def gather(settings: Settings, client: redis.Redis) -> dict[str, Any]:
         raw = client.get(redis_keys.version_meta(settings.redis.prefix, status["current_version"]))
         meta = json.loads(raw) if raw else None
     retrain = latest_run(settings, "full_retrain", client=client)
-    archived = client.get(redis_keys.archive(settings.redis.prefix))
-    return {"status": status, "meta": meta, "retrain": retrain, "incremental": incremental, "archive": json.loads(archived) if archived else None}
+    archive = archive_record(client, settings.redis.prefix)
+    return {"status": status, "meta": meta, "retrain": retrain, "incremental": incremental, "archive": archive}
 
 
 # --- derive (pure) --------------------------------------------------------------------------------

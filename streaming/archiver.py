@@ -263,7 +263,7 @@ def run_archiver(settings: Settings, mode: str = "bounded", max_seconds: float |
 
     consumer = make_consumer(settings.kafka, group_id=settings.kafka.archiver_group_id)
     client = redis_client(settings)
-    archiver = Archiver(settings, consumer, mode, record=_status_recorder(client, redis_keys.archive(settings.redis.prefix)))
+    archiver = Archiver(settings, consumer, mode, record=_status_recorder(client, settings.redis.prefix))
     if handle_signals:
         signal.signal(signal.SIGTERM, archiver.request_stop)
         signal.signal(signal.SIGINT, archiver.request_stop)
@@ -274,16 +274,17 @@ def run_archiver(settings: Settings, mode: str = "bounded", max_seconds: float |
         client.close()
 
 
-def _status_recorder(client, key: str) -> Callable[[ArchiveReport, int | None, bool], None]:
-    """Archiver.record writing ``archive_status`` to ``key``; a Redis error is logged, not raised
-    (the events are on disk and their offsets committed: only the status line is stale)."""
+def _status_recorder(client, prefix: str) -> Callable[[ArchiveReport, int | None, bool], None]:
+    """Archiver.record writing ``archive_status`` to ``<prefix>:archive``; a Redis error is logged,
+    not raised (the events are on disk and their offsets committed: only the status line is stale)."""
     from redis.exceptions import RedisError
+
+    from streaming.status import archive_record
 
     def record(report: ArchiveReport, newest_ts: int | None, landed: bool) -> None:
         try:
-            raw = client.get(key)
-            status = archive_status(json.loads(raw) if raw else None, report, newest_ts, int(time.time() * 1000), landed)
-            client.set(key, json.dumps(status, sort_keys=True))
+            status = archive_status(archive_record(client, prefix), report, newest_ts, int(time.time() * 1000), landed)
+            client.set(redis_keys.archive(prefix), json.dumps(status, sort_keys=True))
         except RedisError as exc:
             log.warning("could not record the archiver's status in Redis (%s): the events are landed, `make status` shows an older landing", exc)
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from twotower import redis_keys
 from twotower.config import Settings
+
+
+def archive_record(client, prefix: str) -> dict[str, Any] | None:
+    """The archiver's record in Redis (streaming.archiver.archive_status: epoch ms), or None when
+    it never ran for this prefix. The one reader of ``<prefix>:archive``."""
+    raw = client.get(redis_keys.archive(prefix))
+    return json.loads(raw) if raw else None
 
 
 def incremental_status(settings: Settings, client=None) -> dict[str, Any] | None:
