@@ -19,6 +19,7 @@ import socket
 import time
 from typing import Any, Callable, TypeVar
 
+from streaming.fetch_race import mend_idle_race
 from twotower.config import KafkaConfig
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ def make_producer(cfg: KafkaConfig, wait_s: float = CONNECT_WAIT_S, **overrides:
 
 
 def make_consumer(cfg: KafkaConfig, *topics: str, wait_s: float = CONNECT_WAIT_S, **overrides: Any):
-    """A KafkaConsumer (no auto commit, earliest reset) optionally subscribed to ``topics``.
+    """A KafkaConsumer (no auto commit, earliest reset) optionally subscribed to ``topics``,
+    with streaming.fetch_race's mend of kafka-python's 100 ms poll stall.
 
     Group timeouts follow ``cfg.session_timeout_ms`` (heartbeat at a third of it). Waits up to
     ``wait_s`` for the broker (``wait_for_broker``).
@@ -185,7 +187,9 @@ def make_consumer(cfg: KafkaConfig, *topics: str, wait_s: float = CONNECT_WAIT_S
     # kafka-python insists that a request outlives a session.
     options["request_timeout_ms"] = max(options["request_timeout_ms"], options["session_timeout_ms"] + 5000)
     what = f"Kafka consumer (group {options.get('group_id')})" if options.get("group_id") else "Kafka consumer"
-    return wait_for_broker(cfg, what, lambda: KafkaConsumer(*topics, **options), wait_s)
+    consumer = wait_for_broker(cfg, what, lambda: KafkaConsumer(*topics, **options), wait_s)
+    mend_idle_race(consumer)
+    return consumer
 
 
 def make_admin(cfg: KafkaConfig, **overrides: Any):
