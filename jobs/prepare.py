@@ -54,6 +54,7 @@ from jobs.prepare_io import (
     find_raw_input,
 )
 from jobs.prepare_schema import PREPARED_SCHEMAS, SPLIT_TABLES
+from jobs.raw_snapshot import raw_snapshot
 from twotower.config import PrepareConfig, Settings, load_settings
 from twotower.contracts import day_str, parse_day, prepared_partition
 
@@ -322,10 +323,17 @@ def run_prepare(settings: Settings, day: dt.date, spark: SparkSession | None = N
     cfg = settings.prepare
     if cfg.window_days < 1 or cfg.history_len < 1:
         raise ValueError(f"prepare needs window_days >= 1 and history_len >= 1, got {cfg.window_days}, {cfg.history_len}")
-    progress = Progress(day)
     window = DayWindow(day, cfg.window_days)
+    # a fixed view: what the archiver or a backfill writes meanwhile waits for the next run
+    with raw_snapshot(settings.paths.raw_dir, window.dates()) as read_dir:
+        return _prepare(settings, window, find_raw_input(read_dir, window, shown_as=settings.paths.raw_dir), spark)
+
+
+def _prepare(settings: Settings, window: DayWindow, raw: RawInput, spark: SparkSession | None) -> Path:
+    """run_prepare on the listed and checked raw input (all of it read before this returns)."""
+    cfg, day = settings.prepare, window.day
+    progress = Progress(day)
     target = prepared_partition(settings.paths.prepared_dir, day)
-    raw = find_raw_input(settings.paths.raw_dir, window)
     if raw.n_rows == 0:
         raise PrepareError(f"the raw partitions of the window ({', '.join(raw.partitions)}) hold no rows")
     base = find_base_partition(settings.paths.prepared_dir, day, cfg.schema_version)

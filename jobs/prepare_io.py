@@ -74,7 +74,7 @@ REQUIRED_RAW_COLUMNS = {"event_id": "string", "user_id": "string", "item_id": "s
 OPTIONAL_RAW_COLUMNS = {"event_type": "string", "weight": "float"}
 
 
-def _visible_parquet_files(directory: Path) -> list[Path]:
+def visible_parquet_files(directory: Path) -> list[Path]:
     """Parquet files under a directory, skipping hidden/underscore entries (temp dirs, markers)."""
     files = []
     for path in sorted(directory.rglob("*.parquet")):
@@ -108,11 +108,12 @@ def _check_raw_file(path: Path, partition: str) -> int:
     return meta.num_rows
 
 
-def find_raw_input(raw_dir: Path, window: DayWindow) -> RawInput:
+def find_raw_input(raw_dir: Path, window: DayWindow, shown_as: Path | None = None) -> RawInput:
     """The existing raw day partitions of the window, every file's footer and columns checked.
 
     Raises PrepareError when no partition of the window exists, or naming the partition of the
-    first unreadable file.
+    first unreadable file. ``shown_as``: the raw directory to name in messages when ``raw_dir``
+    is a snapshot of it (jobs.raw_snapshot).
     """
     partitions, files, n_rows = [], [], 0
     for day in window.dates():
@@ -120,13 +121,13 @@ def find_raw_input(raw_dir: Path, window: DayWindow) -> RawInput:
         if not part.is_dir():
             continue
         partitions.append(part.name)
-        for path in _visible_parquet_files(part):
+        for path in visible_parquet_files(part):
             n_rows += _check_raw_file(path, part.name)
             files.append(path)
     if not partitions:
         raise PrepareError(
             f"no raw partition in the window {day_str(window.first_day)}..{day_str(window.day)} "
-            f"({window.days} days) under {raw_dir}; ingest data for those days first"
+            f"({window.days} days) under {shown_as or raw_dir}; ingest data for those days first"
         )
     return RawInput(raw_dir=raw_dir, partitions=tuple(partitions), files=tuple(files), n_rows=n_rows)
 

@@ -11,8 +11,9 @@ Exactly-once in effect, by deduplication: a flush reads the event ids already in
 (every file of ``dt=D``, including ones the batch ingest wrote), keeps only new events, merges
 them into the hour's file and replaces that file atomically (write to a temporary name, then
 rename). Offsets are committed only after the flush, so a crash re-reads events that the next
-flush finds already landed. Readers see each hour file either before or after a flush, never
-half of one. The read-merge-replace of a day runs under the day's write lock
+flush finds already landed. A reader that opens an hour file once sees it before or after a
+flush, never half of one; the nightly, whose Spark opens files more than once, reads hard links
+made under the day's lock (jobs.raw_snapshot). The read-merge-replace of a day runs under the day's write lock
 (twotower.atomic.dir_lock, which the batch ingest takes too): two archivers landing the same
 hour at once (the hourly DAG's run beside a continuous one, or two members of the group across
 a rebalance) would otherwise each merge into the file as they read it, and the later rename

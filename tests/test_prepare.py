@@ -421,6 +421,38 @@ def test_failure_while_writing_keeps_the_previous_partition(spark, failing_setup
     assert_untouched(good, snapshot)
 
 
+def test_a_landing_while_spark_reads_waits_for_the_next_run(spark, failing_setup, monkeypatch):
+    """An archiver renames a new version of one of the window's files into place just as Spark
+    starts reading (jobs.raw_snapshot). This run reads the day as it was when the run listed it;
+    the next run reads the landing."""
+    import os
+
+    import jobs.prepare as job
+
+    settings, day, raw, good, snapshot = failing_setup
+    hour_file = raw / "dt=1997-12-04" / "part-0.parquet"
+    before = pq.read_table(hour_file)
+    intruder = pa.Table.from_pylist([dict(before.to_pylist()[0], event_id="landed-late", user_id="intruder")], schema=before.schema)
+    real = job.extract
+
+    def landing_then_extract(*args, **kwargs):
+        tmp = hour_file.with_name(".landing.tmp")
+        pq.write_table(pa.concat_tables([before, intruder]), tmp)
+        os.replace(tmp, hour_file)
+        return real(*args, **kwargs)
+
+    def users_of(path: Path) -> set[str]:
+        return set(pq.read_table(path / "vocab_users.parquet").column("user_id").to_pylist())
+
+    monkeypatch.setattr(job, "extract", landing_then_extract)
+    first = run_prepare(settings, day, spark)
+    assert "intruder" not in users_of(first)
+    assert json.loads((first / "manifest.json").read_text()) == json.loads(snapshot["manifest.json"])  # the run before the landing's
+    monkeypatch.setattr(job, "extract", real)
+    assert "intruder" in users_of(run_prepare(settings, day, spark))
+    assert not [p.name for p in raw.iterdir() if p.name.startswith(".read-")]
+
+
 def test_no_raw_partition_in_the_window_fails_clearly(spark, custom_raw: Path, tmp_path: Path):
     settings = settings_for(tmp_path, custom_raw, window_days=30)
     with pytest.raises(PrepareError, match=r"no raw partition in the window 1999-01-02\.\.1999-01-31 \(30 days\)"):

@@ -13,18 +13,20 @@ from typing import Callable
 
 
 @contextmanager
-def dir_lock(target: Path) -> Iterator[None]:
-    """Hold the exclusive write lock of directory ``target`` (which need not exist yet).
+def dir_lock(target: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the write lock of directory ``target`` (which need not exist yet): exclusive for a
+    writer, or ``shared`` for a reader that must see no write half done (jobs.raw_snapshot
+    links a day's files under it).
 
     An advisory ``flock`` on ``.<name>.lock`` beside ``target``: beside, not inside, because
     ``atomic_write_dir`` swaps the directory itself; the leading dot keeps it out of every
     reader's listing (Spark and pyarrow skip hidden files, the project's readers list
     ``*.parquet`` and ``dt=*``). The kernel releases it when the process dies, so a killed writer
-    never leaves a directory locked. Readers take no lock: each file is replaced by a rename.
+    never leaves a directory locked.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
