@@ -223,7 +223,15 @@ class IncrementalConsumer:
     def on_revoked(self, revoked) -> None:
         """Forget revoked partitions: their state is in Redis and the next owner resumes there.
         Hours in flight are finished and their positions stored first, so the next owner does
-        not redo them (redoing would be harmless, only slower)."""
+        not redo them (redoing would be harmless, only slower).
+
+        kafka-python runs this on its network thread, where a wait also holds back heartbeats.
+        Before each join it is called with nothing revoked (the first join included, while a
+        process applier still imports and loads the version): then there is nothing to finish
+        or forget, and waiting for the worker's answer would keep the join from overlapping its
+        start."""
+        if not revoked:
+            return
         self._collect()
         self._forget_users("partitions revoked")
         for tp in revoked:

@@ -5,6 +5,7 @@ continuous mode and SIGTERM."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -159,16 +161,20 @@ def test_bounded_run_applies_closed_hours_dead_letters_bad_records_and_exits(pre
     dlq.close()
 
 
-def test_both_applier_kinds_write_the_same_rows(prepared, redis_client):
+def test_both_applier_kinds_write_the_same_rows(prepared, redis_client, caplog):
     """The worker-process applier (streaming.applier) against the in-process thread: the same
-    stream, the same Redis effect, bitwise; and each keeps what it wrote in its user cache."""
+    stream, the same Redis effect, bitwise; and each keeps what it wrote in its user cache.
+    Neither holds kafka-python's network thread in a rebalance callback (the worker's start
+    overlaps the join)."""
     s, tv = prepared
     runs = {}
     try:
         for kind in ("thread", "process"):
             k = with_prefix(s, f"{s.redis.prefix}-{kind}", f"{s.kafka.group_id}-{kind}").replace("incremental", applier=kind)
             publish_tiny(redis_client, k.redis.prefix, tv)
-            report = run_bounded(k)
+            with caplog.at_level(logging.WARNING, logger="kafka.coordinator.consumer"):
+                report = run_bounded(k)
+            assert "Rebalance listener" not in caplog.text
             assert report["hours_applied"] == 8 and report["status"] == "ok"
             assert report["cached_users"]["size"] > 0
             runs[kind] = redis_snapshot(redis_client, k.redis.prefix, "v1")
@@ -176,6 +182,24 @@ def test_both_applier_kinds_write_the_same_rows(prepared, redis_client):
     finally:
         for kind in ("thread", "process"):
             cleanup(redis_client, f"{s.redis.prefix}-{kind}")
+
+
+def test_a_revoke_of_nothing_does_not_wait_for_the_applier(kafka_settings, redis_client):
+    """kafka-python calls the revoke callback on its network thread before every join, the
+    first one included, with nothing revoked. Asking the applier to forget users then would
+    wait for a worker process still importing and loading the version (about 3 s in the stream
+    benchmark), with heartbeats held back."""
+    from kafka import TopicPartition
+
+    from streaming.consumer import IncrementalConsumer
+
+    consumer = IncrementalConsumer(kafka_settings, None, None, redis_client)
+    asked: list[str] = []
+    consumer._applier = SimpleNamespace(forget_users=asked.append)
+    consumer.on_revoked(set())
+    assert asked == []
+    consumer.on_revoked({TopicPartition(kafka_settings.kafka.topic, 1)})
+    assert asked == ["partitions revoked"]
 
 
 def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redis_client, tmp_path):
