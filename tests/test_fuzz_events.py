@@ -21,6 +21,7 @@ from streaming.events import (
     Event,
     Limits,
     Rejection,
+    _parse_canonical,
     _parse_clean,
     _parse_full,
     dead_letter_headers,
@@ -42,17 +43,17 @@ keys = st.one_of(st.none(), st.binary(max_size=20), st.just(b"u1"))
 
 
 def check(result, value: bytes | None, key: bytes | None = None, ts: int | None = None) -> None:
-    """The parser's contract, whatever the input; the clean-message fast path, where it answers,
-    answers exactly as the full checks do."""
+    """The parser's contract, whatever the input; the two fast paths (the contract's own
+    encoding, clean messages), where they answer, answer exactly as the full checks do."""
     assert isinstance(result, (Event, Rejection))
     try:
         text = (value or b"").decode("utf-8")
     except UnicodeDecodeError:
         text = None
     if text is not None:
-        fast = _parse_clean(text, key, ts, Limits(), True)
         full = _parse_full(text, key, ts, Limits(), True)
-        assert fast is None or (fast == full and type(fast.weight) is float and type(fast.ts) is int)
+        for fast in (_parse_canonical(text, key, ts, Limits(), True), _parse_clean(text, key, ts, Limits(), True)):
+            assert fast is None or (fast == full and type(fast.weight) is float and type(fast.ts) is int)
         if value and len(value) <= Limits().max_bytes:
             assert result == full  # parse_event's answer is the full checks' answer, fast path or not
     if isinstance(result, Rejection):
@@ -79,6 +80,45 @@ def test_the_fast_path_answers_for_clean_messages_and_only_for_them():
     assert _parse_clean(text[:-1] + ',"ts":1}', b"u1", TS, Limits(), True) is None  # a repeated key
     assert _parse_clean(text[:-1] + ',"x":{"ts":1}}', b"u1", TS, Limits(), True) is None  # nested: full checks
     assert _parse_clean(text, b"u2", TS, Limits(), True) is None  # key mismatch: the full checks word it
+
+
+def test_the_canonical_path_answers_for_the_contracts_own_encoding_and_only_for_it():
+    """encode_event's exact text is matched, not decoded; anything else (other key order, blanks,
+    escapes, a weight as an integer or in exponent form is still canonical) falls through."""
+    text = encode_event(VALID).decode()
+    assert _parse_canonical(text, b"u1", TS, Limits(), True) == VALID
+    for other in (
+        json.dumps(VALID._asdict()),  # blanks after ':' and ','
+        text.replace('{"event_id":"e-1",', "{").replace("}", ',"event_id":"e-1"}'),  # another key order
+        text.replace(',"weight":1.0', ""),  # weight absent (1.0 by the contract)
+        text[:-1] + ',"ts":1}',  # a repeated key
+        text.replace('"i1"', '"i\\1"'),  # an escape
+        text.replace(str(TS), "-" + str(TS)),  # negative ts
+        text.replace(str(TS), str(TS) + ".0"),  # a float ts: wrong type, the full path words it
+        text.replace("1.0", "NaN"),
+        text.replace("1.0", "-1.0"),
+        text + " ",
+    ):
+        assert _parse_canonical(other, b"u1", TS, Limits(), True) is None
+        assert parse_event(other.encode(), b"u1", TS) == _parse_full(other, b"u1", TS, Limits(), True)
+    for weight_text, weight in (("2", 2.0), ("0", 0.0), ("2.5e1", 25.0), ("1E-3", 0.001), ("0.000", 0.0)):
+        doc = text.replace("1.0", weight_text)
+        assert _parse_canonical(doc, b"u1", TS, Limits(), True) == VALID._replace(weight=weight) == _parse_full(doc, b"u1", TS, Limits(), True)
+    for weight_text in ("10001", "1e999", "10000.5", "9" * 16):  # above max_weight (1e999 is inf)
+        assert _parse_canonical(text.replace("1.0", weight_text), b"u1", TS, Limits(), True) is None
+    assert _parse_canonical(text, b"u2", TS, Limits(), True) is None  # key mismatch
+    assert _parse_canonical(text, None, TS, Limits(), True) is None and _parse_canonical(text, None, TS, Limits(), False) == VALID
+    assert _parse_canonical(text, b"u1", TS - 3_600_001, Limits(), True) is None  # ts too far after the record's
+    for ts in (1, 631_151_999_999, 4_102_444_800_000):  # seconds, before 1990, from 2100 on
+        doc = text.replace(str(TS), str(ts))
+        assert _parse_canonical(doc, b"u1", None, Limits(), True) is None
+        assert isinstance(_parse_full(doc, b"u1", None, Limits(), True), Rejection)
+    for bad_id in (" i", "i\xa0", "i\u2028", "x" * 257):  # raw blanks to strip, too long: the full path words it
+        doc = encode_event(VALID._replace(item_id=bad_id)).decode()
+        assert _parse_canonical(doc, b"u1", TS, Limits(), True) is None
+        assert _parse_full(doc, b"u1", TS, Limits(), True).code in ("id_bad_characters", "id_too_long")
+    nonascii = VALID._replace(item_id="caf\u00e9 \u00fcber", event_id="e:1")  # raw UTF-8 and inner blanks: canonical
+    assert _parse_canonical(encode_event(nonascii).decode(), b"u1", TS, Limits(), True) == nonascii
 
 
 def test_the_fast_path_skips_no_check_it_shortcuts():
