@@ -73,17 +73,18 @@ class ArchiveReport:
     days: list[str] = field(default_factory=list)
 
 
-def archive_status(previous: dict[str, Any] | None, report: ArchiveReport, newest_ts: int | None, now_ms: int, landed: bool) -> dict[str, Any]:
+def archive_status(previous: dict[str, Any] | None, report: ArchiveReport, newest_ts: int | None, now_ms: int) -> dict[str, Any]:
     """What ``<prefix>:archive`` holds after a flush or at the end of a run (pure): ``checked_at``
     (epoch ms, wall clock: the archiver last read the topic up to where it stopped), ``landed_at``
-    (the last flush that had events to land, new or already there), ``newest_event_ts`` (the
+    (the last flush that had events to land, new or already there: one whose newest event time
+    ``newest_ts`` is not None), ``newest_event_ts`` (the
     latest event time ever landed: how far raw Parquet reaches), and the current run's
     ``events_written``, ``duplicates_skipped``, ``invalid`` and ``status``."""
     previous = previous or {}
     newest = max((t for t in (previous.get("newest_event_ts"), newest_ts) if t is not None), default=None)
     return {
         "checked_at": now_ms,
-        "landed_at": now_ms if landed else previous.get("landed_at"),
+        "landed_at": now_ms if newest_ts is not None else previous.get("landed_at"),
         "newest_event_ts": newest,
         "events_written": report.events_written,
         "duplicates_skipped": report.duplicates_skipped,
@@ -167,9 +168,9 @@ def _land_day(raw_dir: Path, day: dt.date, events: list[Event], have: set[str]) 
 class Archiver:
     """Consume the topic (its own consumer group) and land it (clients injected)."""
 
-    def __init__(self, settings: Settings, kafka_consumer, mode: str = "bounded", record: Callable[[ArchiveReport, int | None, bool], None] | None = None):
-        """``record(report, newest event ts of the flush or None, whether it landed anything)``
-        is called after each flush and at the end (``run_archiver`` writes ``archive_status``)."""
+    def __init__(self, settings: Settings, kafka_consumer, mode: str = "bounded", record: Callable[[ArchiveReport, int | None], None] | None = None):
+        """``record(report, newest event ts of the flush or None when it had no events)`` is
+        called after each flush and at the end (``run_archiver`` writes ``archive_status``)."""
         self.s = settings
         self.kc = kafka_consumer
         self.mode = mode
@@ -206,7 +207,7 @@ class Archiver:
                 log.warning("archiver offset commit failed (%s); those records will be re-read and deduplicated", type(exc).__name__)
         self.report.flushes += 1
         if self.record is not None:
-            self.record(self.report, newest, newest is not None)
+            self.record(self.report, newest)
 
     def run(self, max_seconds: float | None = None) -> ArchiveReport:
         t0 = time.monotonic()
@@ -275,16 +276,16 @@ def run_archiver(settings: Settings, mode: str = "bounded", max_seconds: float |
         client.close()
 
 
-def _status_recorder(client, prefix: str) -> Callable[[ArchiveReport, int | None, bool], None]:
+def _status_recorder(client, prefix: str) -> Callable[[ArchiveReport, int | None], None]:
     """Archiver.record writing ``archive_status`` to ``<prefix>:archive``; a Redis error is logged,
     not raised (the events are on disk and their offsets committed: only the status line is stale)."""
     from redis.exceptions import RedisError
 
     from streaming.status import archive_record
 
-    def record(report: ArchiveReport, newest_ts: int | None, landed: bool) -> None:
+    def record(report: ArchiveReport, newest_ts: int | None) -> None:
         try:
-            status = archive_status(archive_record(client, prefix), report, newest_ts, int(time.time() * 1000), landed)
+            status = archive_status(archive_record(client, prefix), report, newest_ts, int(time.time() * 1000))
             client.set(redis_keys.archive(prefix), json.dumps(status, sort_keys=True))
         except RedisError as exc:
             log.warning("could not record the archiver's status in Redis (%s): the events are landed, `make status` shows an older landing", exc)

@@ -298,9 +298,7 @@ def _parse_clean(text: str, key: bytes | None, record_ts_ms: int | None, limits:
     event_type, ts, weight = obj.get("event_type"), obj.get("ts"), obj.get("weight", 1.0)
     if type(event_id) is not str or type(user_id) is not str or type(item_id) is not str or type(event_type) is not str:
         return None
-    if type(ts) is not int or not MIN_TS_MS <= ts < MAX_TS_MS:
-        return None
-    if record_ts_ms is not None and record_ts_ms >= 0 and ts > record_ts_ms + limits.max_ahead_of_record_ms:
+    if type(ts) is not int or not _ts_passes(ts, record_ts_ms, limits):
         return None
     max_weight = limits.max_weight
     if type(weight) is int and 0 <= weight <= max_weight:
@@ -322,6 +320,14 @@ def _parse_clean(text: str, key: bytes | None, record_ts_ms: int | None, limits:
     if not _ids_and_key_pass(event_id, user_id, item_id, key, limits, require_key):
         return None
     return _new_tuple(Event, (event_id, user_id, item_id, event_type, ts, weight))
+
+
+def _ts_passes(ts: int, record_ts_ms: int | None, limits: Limits) -> bool:
+    """The fast paths' ts checks: 1990 <= ts < 2100, and not more than max_ahead_of_record_ms
+    after the Kafka record's timestamp (when known)."""
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
+        return False
+    return record_ts_ms is None or record_ts_ms < 0 or ts <= record_ts_ms + limits.max_ahead_of_record_ms
 
 
 def _ids_and_key_pass(event_id: str, user_id: str, item_id: str, key: bytes | None, limits: Limits, require_key: bool) -> bool:
@@ -366,9 +372,7 @@ def _parse_canonical(text: str, key: bytes | None, record_ts_ms: int | None, lim
         return None
     event_id, user_id, item_id, event_type, ts_text, weight_text = m.groups()
     ts = int(ts_text)
-    if not MIN_TS_MS <= ts < MAX_TS_MS:
-        return None
-    if record_ts_ms is not None and record_ts_ms >= 0 and ts > record_ts_ms + limits.max_ahead_of_record_ms:
+    if not _ts_passes(ts, record_ts_ms, limits):
         return None
     if "." in weight_text or "e" in weight_text or "E" in weight_text:
         weight = float(weight_text)  # a JSON float: the json module's float() of the same text

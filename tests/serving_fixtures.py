@@ -242,7 +242,7 @@ def write_archive_state(client, prefix: str, checked_ms: int, newest_event_ts: i
     from streaming.archiver import ArchiveReport, archive_status
     from twotower import redis_keys
 
-    status = archive_status(None, ArchiveReport(events_written=42), newest_event_ts, checked_ms, landed=True)
+    status = archive_status(None, ArchiveReport(events_written=42), newest_event_ts, checked_ms)
     client.set(redis_keys.archive(prefix), json.dumps(status))
 
 

@@ -84,7 +84,7 @@ def _racing_consumer(s):
 
 
 @pytest.mark.kafka
-def test_a_response_landing_between_drain_and_send_is_not_idle(kafka_settings):
+def test_a_response_landing_between_drain_and_send_is_not_idle(kafka_settings, monkeypatch):
     """The race, made to happen on the real client and broker. kafka-python's own fetch_records
     then says idle with records buffered (its poll would sleep retry_backoff_ms); the consumer
     make_consumer builds says not idle, and its poll returns the records without sleeping."""
@@ -100,11 +100,10 @@ def test_a_response_landing_between_drain_and_send_is_not_idle(kafka_settings):
     mended, fetcher, race = _racing_consumer(kafka_settings)
     try:
         assert race(fetcher.fetch_records) == ({}, False), "make_consumer must install streaming.fetch_race"
-        group_module.time = sleeps = _Sleeps(group_module.time)
-        try:
-            got = mended.poll(timeout_ms=2000, max_records=100)
-        finally:
-            group_module.time = sleeps.real
+        sleeps = _Sleeps(group_module.time)
+        monkeypatch.setattr(group_module, "time", sleeps)
+        got = mended.poll(timeout_ms=2000, max_records=100)
+        monkeypatch.undo()
         assert sum(len(v) for v in got.values()) > 0 and sleeps.calls == []
     finally:
         mended.close()

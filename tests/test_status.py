@@ -107,10 +107,10 @@ def test_archive_section_keeps_the_last_landing_when_a_run_finds_nothing_new(set
     from streaming.archiver import ArchiveReport, archive_status
 
     key = redis_keys.archive(settings.redis.prefix)
-    first = archive_status(None, ArchiveReport(events_written=12, duplicates_skipped=3), 1_706_670_123_000, 1_706_700_000_000, landed=True)
+    first = archive_status(None, ArchiveReport(events_written=12, duplicates_skipped=3), 1_706_670_123_000, 1_706_700_000_000)
     redis_client.set(key, json.dumps(first))
     # an hour later: nothing new on the topic; the landing and how far raw reaches stay as they were
-    quiet = archive_status(first, ArchiveReport(), None, 1_706_703_600_000, landed=False)
+    quiet = archive_status(first, ArchiveReport(), None, 1_706_703_600_000)
     redis_client.set(key, json.dumps(quiet))
     assert status_json(settings, client=redis_client)["archive"] == {
         "checked_at": "2024-01-31T12:20:00.000Z",
@@ -122,7 +122,7 @@ def test_archive_section_keeps_the_last_landing_when_a_run_finds_nothing_new(set
         "status": "ok",
     }
     # an older event landed later (a late one) does not move how far raw reaches back
-    late = archive_status(quiet, ArchiveReport(events_written=1), 1_706_600_000_000, 1_706_707_200_000, landed=True)
+    late = archive_status(quiet, ArchiveReport(events_written=1), 1_706_600_000_000, 1_706_707_200_000)
     assert late["newest_event_ts"] == 1_706_670_123_000 and late["landed_at"] == 1_706_707_200_000
 
 
