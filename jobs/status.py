@@ -101,6 +101,14 @@ def archive_view(rec: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:
     """The status report as a JSON-ready dict (valid also when nothing is published)."""
+    return status_with_records(settings, client)[0]
+
+
+def status_with_records(settings: Settings, client: redis.Redis | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(status_json's report, the records it was built from as stored: {"meta": the current
+    version's metadata, "retrain": the newest full_retrain run, "incremental":
+    streaming.status.incremental_status, "archive": streaming.status.archive_record}, each None
+    when absent). serving.freshness needs those raw (epoch ms), and reads Redis once for both."""
     from jobs.redis_conn import redis_client
 
     prefix = settings.redis.prefix
@@ -111,6 +119,7 @@ def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[s
         current = pointer.get("current") or None
         meta = _version_meta(client, prefix, current)
         run = latest_run(settings, "full_retrain", client=client)
+        records = {"meta": meta, "retrain": run, "incremental": incremental_status(settings, client), "archive": archive_record(client, prefix)}
         out: dict[str, Any] = {
             "current_version": current,
             "previous_version": pointer.get("previous") or None,
@@ -118,8 +127,8 @@ def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[s
             "full_retrain": full_retrain_view(run, lambda v: meta if v == current else _version_meta(client, prefix, v)),
             "metrics": pick_metrics((meta or {}).get("metrics")),
             "index": pick_index((meta or {}).get("index")),
-            "incremental": incremental_status(settings, client),
-            "archive": archive_view(archive_record(client, prefix)),
+            "incremental": records["incremental"],
+            "archive": archive_view(records["archive"]),
         }
     finally:
         if own:
@@ -128,4 +137,4 @@ def status_json(settings: Settings, client: redis.Redis | None = None) -> dict[s
         out["note"] = "no model version is published yet: run `make run` (or the nightly DAG) to train and publish one"
     elif meta is None:
         out["note"] = f"the pointer names {current} but its metadata is missing from Redis"
-    return out
+    return out, records

@@ -71,23 +71,10 @@ def gather(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     streaming.status.incremental_status or None, "archive": the archiver's record
     (streaming.status.archive_record, epoch ms) or None}.
     """
-    import json
+    from jobs.status import status_with_records
 
-    from jobs.runs import latest_run
-    from jobs.status import status_json
-    from streaming.status import archive_record, incremental_status
-    from twotower import redis_keys
-
-    status = status_json(settings, client)
-    incremental = incremental_status(settings, client)
-    status["incremental"] = incremental  # the consumer's own reader is the authority on its state
-    meta = None
-    if status.get("current_version"):
-        raw = client.get(redis_keys.version_meta(settings.redis.prefix, status["current_version"]))
-        meta = json.loads(raw) if raw else None
-    retrain = latest_run(settings, "full_retrain", client=client)
-    archive = archive_record(client, settings.redis.prefix)
-    return {"status": status, "meta": meta, "retrain": retrain, "incremental": incremental, "archive": archive}
+    status, records = status_with_records(settings, client)
+    return {"status": status, **records}
 
 
 # --- derive (pure) --------------------------------------------------------------------------------
