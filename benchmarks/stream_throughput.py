@@ -12,7 +12,9 @@ published deployment. Both clocks start when the first records arrive. Each path
 RAW_RUNS / E2E_RUNS times, interleaved; reported: the median events/s of each (every run's
 beside it) and the ratio of the medians (the issue's target is >= 0.5).
 
-A third end-to-end path runs GROUP_MEMBERS consumer processes (``python -m streaming.consumer
+A third runs one consumer whose process applier has APPLIER_WORKERS worker processes, each
+applying the hours of its share of the partitions (streaming.applier.ShardedApplier). A fourth
+runs GROUP_MEMBERS consumer processes (``python -m streaming.consumer
 --mode bounded``, default applier) in one consumer group, started together: DESIGN §8's way to
 scale out, each member owning some partitions. Its window runs from the first record any member
 read to the end of the last member's window.
@@ -47,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.cpu_sampler import CpuSampler
 from benchmarks.limits_common import drop_prefix, write_result
 from jobs.redis_conn import redis_client
 from twotower.config import PROJECT_ROOT, Settings, load_settings, settings_env
@@ -60,6 +63,9 @@ raw rate has swung by 2x between runs of one benchmark on the shared 2-core mach
 its median some footing)."""
 GROUP_MEMBERS = 2
 """Consumer processes in the group path."""
+APPLIER_WORKERS = 2
+"""Worker processes of the sharded path (one consumer, the process applier split by partition:
+streaming.applier.ShardedApplier)."""
 
 
 def machine() -> dict[str, Any]:
@@ -114,13 +120,19 @@ def end_to_end(settings: Settings) -> dict[str, Any]:
     from streaming.consumer import run_bounded
 
     t0, c0 = time.perf_counter(), time.process_time()
-    report = run_bounded(settings)
+    with closing(redis_client(settings)) as client, CpuSampler(client) as sampler:
+        report = run_bounded(settings)
     total_s, cpu = time.perf_counter() - t0, time.process_time() - c0
+    window = None
+    if report.get("first_record_at_ms") and report.get("reading_seconds"):
+        start = report["first_record_at_ms"] / 1000
+        window = sampler.between(start, start + report["reading_seconds"])
     return {
         "applier": settings.incremental.applier,
         **_timed([report], report.get("reading_seconds") or total_s, total_s),
         "cached_users": report.get("cached_users", {}),
         "cpu_seconds_this_process": round(cpu, 2),
+        "cpu_seconds_in_window": window,
     }
 
 
@@ -196,6 +208,7 @@ def measure(settings: Settings, cutoff_day: dt.date, end_day: dt.date) -> dict[s
     raws: list[dict[str, Any]] = []
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     group_runs: list[dict[str, Any]] = []
+    sharded_runs: list[dict[str, Any]] = []
     try:
         nightly = run_nightly(settings, cutoff_day)
         admin = make_admin(settings.kafka)
@@ -213,14 +226,16 @@ def measure(settings: Settings, cutoff_day: dt.date, end_day: dt.date) -> dict[s
                 for kind in kinds:
                     runs[kind].append(end_to_end(fresh_copy(settings, pristine, f"{kind}-{i}").replace("incremental", applier=kind)))
                 group_runs.append(end_to_end_group(fresh_copy(settings, pristine, f"group-{i}")))
+                sharded = fresh_copy(settings, pristine, f"sharded-{i}").replace("incremental", applier="process", applier_workers=APPLIER_WORKERS)
+                sharded_runs.append(end_to_end(sharded) | {"applier": f"process, {APPLIER_WORKERS} workers"})
     finally:
         shutil.rmtree(settings.paths.state_dir, ignore_errors=True)
         with closing(redis_client(settings)) as client:
-            tags = [f"{k}-{i}" for k in [*kinds, "group"] for i in range(E2E_RUNS)]
+            tags = [f"{k}-{i}" for k in [*kinds, "group", "sharded"] for i in range(E2E_RUNS)]
             for prefix in [settings.redis.prefix, pristine] + [f"{settings.redis.prefix}-{t}" for t in tags]:
                 drop_prefix(client, prefix)
     raw = median_run(raws)
-    e2e, other, group = median_run(runs[kinds[0]]), median_run(runs[kinds[1]]), median_run(group_runs)
+    e2e, other, group, sharded = median_run(runs[kinds[0]]), median_run(runs[kinds[1]]), median_run(group_runs), median_run(sharded_runs)
     ratio = lambda run: round(run["events_per_s"] / raw["events_per_s"], 3) if raw["events_per_s"] and run["events_per_s"] else None  # noqa: E731
     return {
         "events_replayed": rep.events,
@@ -231,9 +246,11 @@ def measure(settings: Settings, cutoff_day: dt.date, end_day: dt.date) -> dict[s
         "end_to_end": e2e | {"all_events_per_s": [r["events_per_s"] for r in runs[kinds[0]]]},
         "end_to_end_other_applier": other | {"all_events_per_s": [r["events_per_s"] for r in runs[kinds[1]]]},
         "end_to_end_group": group | {"all_events_per_s": [r["events_per_s"] for r in group_runs]},
+        "end_to_end_sharded": sharded | {"all_events_per_s": [r["events_per_s"] for r in sharded_runs]},
         "ratio_end_to_end_to_raw": ratio(e2e),
         "ratio_other_applier_to_raw": ratio(other),
         "ratio_group_to_raw": ratio(group),
+        "ratio_sharded_to_raw": ratio(sharded),
     }
 
 
@@ -298,6 +315,7 @@ def render(result: dict[str, Any]) -> list[str]:
     ]
     for name, w in result.get("workloads", {}).items():
         raw, e2e, other, group = w["raw_consume"], w["end_to_end"], w.get("end_to_end_other_applier"), w.get("end_to_end_group")
+        sharded = w.get("end_to_end_sharded")
         if name == "synthetic":
             spec = w.get("spec", {})
             title = f"Synthetic stream ({spec.get('n_users', '?')} users, {spec.get('n_items', '?')} items, seed {spec.get('seed', '?')})"
@@ -312,7 +330,7 @@ def render(result: dict[str, Any]) -> list[str]:
             f"| raw kafka-python consume (same client settings, same topic) | {raw['records']} | {raw['seconds']} | {raw['events_per_s']} | "
             f"{', '.join(str(r) for r in raw.get('all_events_per_s', []))} | - | - |",
         ]
-        for run_ in [e2e] + [r for r in (other, group) if r]:
+        for run_ in [e2e] + [r for r in (other, sharded, group) if r]:
             lines.append(
                 f"| end to end, applier = {run_.get('applier', '?')}: Kafka -> user rows in Redis | {run_['records_read']} | "
                 f"{run_['seconds']} | {run_['events_per_s']} | {', '.join(str(r) for r in run_.get('all_events_per_s', []))} | "
@@ -323,11 +341,31 @@ def render(result: dict[str, Any]) -> list[str]:
             "",
             f"End-to-end / raw events/s, medians: **{w['ratio_end_to_end_to_raw']}** with the default applier ({e2e.get('applier', '?')})"
             + (f", {w.get('ratio_other_applier_to_raw')} with the {other.get('applier')} applier" if other else "")
+            + (f", {w.get('ratio_sharded_to_raw')} with the {sharded.get('applier')}" if sharded else "")
             + (f", {w.get('ratio_group_to_raw')} with {group.get('members')} members of one group" if group else "")
             + f" (target {result['target_ratio']}); {e2e['hours_applied']} hours applied, {e2e['users_updated']} user rows updated"
             + (f"; user cache: {cache.get('hits')} hits, {cache.get('misses')} Redis reads." if cache else "."),
             "",
+            *cpu_lines(raw, [e2e] + [r for r in (other, sharded) if r], result.get("machine", {}).get("cpus")),
         ]
+    return lines
+
+
+def cpu_lines(raw: dict[str, Any], runs: list[dict[str, Any]], cpus: int | None) -> list[str]:
+    """Where each median run's CPU went in its window (benchmarks.cpu_sampler), beside the raw
+    reader's: what bounds the rate where the parts share few cores."""
+    lines = []
+    for run_ in runs:
+        cpu = run_.get("cpu_seconds_in_window") or {}
+        if not cpu or any(v is None for v in cpu.values()) or not run_.get("seconds"):
+            continue
+        total = sum(cpu.values())
+        lines.append(
+            f"- CPU in the {run_.get('applier')} run's {run_['seconds']} s window: consumer {cpu['consumer']} s, applier workers "
+            f"{cpu['applier_workers']} s, Redis {cpu['redis']} s: {total:.2f} s in all, {total / run_['seconds']:.2f} of {cpus or '?'} cores busy."
+        )
+    if lines:
+        lines += [f"- CPU of the raw reader: {raw.get('cpu_seconds')} s in its {raw.get('seconds')} s.", ""]
     return lines
 
 

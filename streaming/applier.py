@@ -43,6 +43,8 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields
+from functools import partial
+from itertools import repeat
 from typing import IO, Any, Callable
 
 from streaming.events import Event
@@ -129,15 +131,20 @@ def encode_hours(hours: Hours) -> list:
 
 def decode_hours(wire: list) -> Hours:
     """The inverse of encode_hours (Buffered events with their partition; the prefix state 0)."""
-    new = tuple.__new__  # the named tuples' own __new__ is a Python function: ~0.3 µs per event more
     hours: Hours = []
     for hour, partitions, text, ts, weights in wire:
         fields_ = text.split(FIELD_SEP) if partitions else []
         if len(fields_) != 4 * len(partitions) or not len(partitions) == len(ts) == len(weights):
             raise ValueError(f"a malformed batch: hour {hour} has {len(partitions)} events but {len(fields_)} fields")
-        events = zip(fields_[0::4], fields_[1::4], fields_[2::4], fields_[3::4], ts, weights)
-        hours.append((int(hour), [new(Buffered, (p, 0, new(Event, e), 0, 0, 0)) for p, e in zip(partitions, events)]))
+        events = map(_new_event, zip(fields_[0::4], fields_[1::4], fields_[2::4], fields_[3::4], ts, weights))
+        hours.append((int(hour), list(map(_new_buffered, zip(partitions, repeat(0), events, repeat(0), repeat(0), repeat(0))))))
     return hours
+
+
+# the named tuples built with tuple.__new__ from C-level map() instead of their own __new__ (a
+# Python function) in a comprehension: about 0.5 µs per event instead of 0.7-1
+_new_event = partial(tuple.__new__, Event)
+_new_buffered = partial(tuple.__new__, Buffered)
 
 
 _RESULT_FIELDS = [f.name for f in fields(HourResult)]
@@ -265,9 +272,99 @@ class ProcessApplier:
         self._io.shutdown(wait=True)
 
 
+class ShardedApplier:
+    """Hours applied by ``n`` worker processes at once, worker k taking the events of the
+    partitions p with p mod n = k. Producers key events by user_id, so a user's events, row and
+    history belong to one partition and the workers touch disjoint users; each row comes out of
+    the same arithmetic as with one worker (streaming.update cuts blocks per hour and partition).
+    What this buys: on the reference machine the applier, not the reader, is what a MovieLens
+    backlog waits for once the records are read, with the reader's core idle; two workers use
+    it (benchmarks/RESULTS.md). The split is by partition number, not by rank among the
+    partitions a member owns, so that a partition stays with one worker (and its user cache)
+    however the partitions come and go; a member owning only partitions of one residue class
+    keeps one worker busy.
+
+    A batch is done when every worker has written its share (the consumer stores the positions
+    only then); its HourResults are the workers' summed per hour. A worker's failure fails the
+    batch, and a worker killed kills the consumer, as with one worker; the shares a worker
+    already wrote are replays after the restart, recognised per user as after any crash."""
+
+    def __init__(self, shards: "list[ProcessApplier]"):
+        self.shards = shards
+
+    def submit(self, version: LoadedVersion, hours: Hours) -> Future:
+        n = len(self.shards)
+        shares: list[Hours] = [[] for _ in range(n)]
+        for hour, buffered in hours:
+            parts: list[list[Buffered]] = [[] for _ in range(n)]
+            for b in buffered:
+                parts[b.partition % n].append(b)
+            for k, part in enumerate(parts):
+                if part:
+                    shares[k].append((hour, part))
+        futures = [shard.submit(version, share) for shard, share in zip(self.shards, shares) if share]
+        return _merged(futures, [hour for hour, _ in hours])
+
+    def forget_users(self, why: str) -> None:
+        for shard in self.shards:
+            shard.forget_users(why)
+
+    def cache_stats(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for shard in self.shards:
+            for name, value in shard.cache_stats().items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+
+def _merged(futures: list[Future], hours: list[int]) -> Future:
+    """A Future of one HourResult per hour of ``hours`` (in that order), summed over the
+    workers' results, set when every future is done (the first failure, if any)."""
+    merged: Future = Future()
+    left = [len(futures)]
+
+    def one_done(_: Future) -> None:
+        left[0] -= 1
+        if left[0]:
+            return
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            merged.set_exception(failed)
+        else:
+            merged.set_result(merge_results(hours, [r for f in futures for r in f.result()]))
+
+    if not futures:
+        merged.set_result(merge_results(hours, []))
+    for future in futures:
+        future.add_done_callback(one_done)
+    return merged
+
+
+def merge_results(hours: list[int], results: list[HourResult]) -> list[HourResult]:
+    """One HourResult per hour: the counters summed, the per-partition counts joined (the
+    workers' partitions are disjoint), the times the longest worker's."""
+    out = {hour: HourResult(hour) for hour in hours}
+    for r in results:
+        m = out[r.hour_ms]
+        for name in ("events_in_hour", "users_updated", "events_applied", "unknown_items", "new_users", "history_only", "rows_written"):
+            setattr(m, name, getattr(m, name) + getattr(r, name))
+        for name in ("seconds", "read_s", "compute_s", "write_s"):
+            setattr(m, name, max(getattr(m, name), getattr(r, name)))
+        m.per_partition.update(r.per_partition)
+    return [out[hour] for hour in hours]
+
+
 def make_applier(settings: Settings, state: StreamState, version: str | None):
-    kind = settings.incremental.applier
+    kind, workers = settings.incremental.applier, settings.incremental.applier_workers
+    if workers < 1 or (workers > 1 and kind != PROCESS):
+        raise ValueError(f"incremental.applier_workers must be 1, or more with applier {PROCESS!r}; got {workers} with {kind!r}")
     if kind == PROCESS:
+        if workers > 1:
+            return ShardedApplier([ProcessApplier(settings, version) for _ in range(workers)])
         return ProcessApplier(settings, version)
     if kind == THREAD:
         return ThreadApplier(state, settings.incremental)

@@ -82,7 +82,7 @@ from streaming.faults import crash_point
 from streaming.gc_tuning import consumer_thresholds
 from streaming.hour import HourResult
 from streaming.state import StreamState
-from streaming.applier import ProcessApplier, ThreadApplier, make_applier
+from streaming.applier import ProcessApplier, ShardedApplier, ThreadApplier, make_applier
 from streaming.version import LoadedVersion, load_version
 from streaming.windows import (
     HOUR_MS,
@@ -208,7 +208,7 @@ class IncrementalConsumer:
         self._last_progress = time.monotonic()
         self._dlq_pending = False
         self.broker = BrokerWatch(settings.kafka, f"incremental consumer (group {settings.kafka.group_id})")
-        self._applier: ThreadApplier | ProcessApplier | None = None
+        self._applier: ThreadApplier | ProcessApplier | ShardedApplier | None = None
         self._inflight: deque[InFlight] = deque()
         """Batches handed to the applier and not yet accounted for, oldest first."""
         self._first_record_at: float | None = None

@@ -54,6 +54,9 @@ LARGE_HOUR = 16
 """Row updates from which an hour is cut into blocks of many users instead of one (``block_size``)."""
 MAX_BLOCK = 512
 """Most users in one block."""
+SMALL_STACK = 1 << 17
+"""Padded positive floats ([blocks, users, P, d]) below which a stack takes wider blocks whatever
+the padding: there the ~50 array calls of a stack cost more than the padding (``_stacks``)."""
 NO_HISTORY = np.zeros(0, dtype=np.int32)
 
 ONE_WEIGHT = np.ones(1, dtype=np.float32)
@@ -350,26 +353,31 @@ def _widest(block: Block) -> int:
 
 def _stacks(blocks: list[Block], arrays: "RowUpdateArrays", cfg) -> list[list[Block]]:
     """A pass's blocks in stacks of one block size (and one hour for large blocks). Positives are
-    padded to the stack's widest block, so blocks go in order of width, and beyond 8 positives a
-    stack holds one power-of-two class of widths (at most 2x padding: a heavy user does not widen
-    everyone, while the common narrow blocks share one stack); its arrays stay within
-    ``cfg.logit_budget`` floats."""
+    padded to the stack's widest block, so blocks go in order of width, and a stack takes the
+    next (wider) block while its padded positives stay within twice its real ones, or within
+    SMALL_STACK floats whatever the padding (a heavy user does not widen everyone, while a
+    stack's fixed cost, some 50 array calls, is paid by as many blocks as can share it); its
+    arrays stay within ``cfg.logit_budget`` floats."""
     n_neg = arrays.sample_size(cfg.negatives)
     d = arrays.item_vectors.shape[1]
     stacks: list[list[Block]] = []
     current: list[Block] = []
     current_kind: tuple = ()
+    real = 0  # the current stack's positive slots without padding
     for block in sorted(blocks, key=lambda b: (len(b), b[0].hour if len(b) > 1 else 0, _widest(b))):
         width = _widest(block)
         per_block = len(block) * (width * (d + 2) + 2 * n_neg) + n_neg * d
-        # width class 3: every width up to 8; a large hour's blocks stack with their own hour's
-        # only, so they read its negatives once ([1, C, d]) instead of a copy per block
-        kind = (len(block), max(3, (width - 1).bit_length()), block[0].hour if len(block) > 1 else None)
-        if current and (kind != current_kind or (len(current) + 1) * per_block > cfg.logit_budget):
+        # a large hour's blocks stack with their own hour's only, so they read its negatives
+        # once ([1, C, d]) instead of a copy per block
+        kind = (len(block), block[0].hour if len(block) > 1 else None)
+        padded = (len(current) + 1) * len(block) * width
+        fits = padded <= 2 * (real + len(block) * width) or padded * d <= SMALL_STACK
+        if current and (kind != current_kind or not fits or (len(current) + 1) * per_block > cfg.logit_budget):
             stacks.append(current)
-            current = []
+            current, real = [], 0
         current.append(block)
         current_kind = kind
+        real += len(block) * width
     if current:
         stacks.append(current)
     return stacks

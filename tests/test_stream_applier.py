@@ -98,3 +98,80 @@ def test_the_wire_carries_a_batch_of_hours_unchanged():
     wire[0][2] += "\textra"
     with pytest.raises(ValueError, match="malformed batch"):
         decode_hours(wire)
+
+
+class _FakeShard:
+    """A worker that records what it was handed and answers with one HourResult per hour
+    (counts: its events), or fails."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.got, self.forgot = fail, [], []
+
+    def submit(self, version, hours):
+        from concurrent.futures import Future
+
+        from streaming.hour import HourResult
+
+        self.got.append(hours)
+        future: Future = Future()
+        if self.fail:
+            future.set_exception(ConnectionError("redis went away"))
+        else:
+            results = []
+            for hour, buffered in hours:
+                parts = {b.partition for b in buffered}
+                results.append(HourResult(hour, events_in_hour=len(buffered), users_updated=1, compute_s=0.1 * len(buffered), per_partition={p: {"events": 1} for p in parts}))
+            future.set_result(results)
+        return future
+
+    def forget_users(self, why):
+        self.forgot.append(why)
+
+    def cache_stats(self):
+        return {"hits": 2, "size": 3}
+
+    def close(self):
+        pass
+
+
+def _buffered(partition: int, hour: int, n: int):
+    from streaming.events import Event
+    from streaming.windows import Buffered
+
+    return [Buffered(partition, i, Event(f"e{hour}-{partition}-{i}", f"u{partition}", "i1", "view", hour + i, 1.0), 0, 0, 0) for i in range(n)]
+
+
+def test_a_sharded_applier_gives_each_worker_its_partitions_and_sums_the_hours():
+    from streaming.applier import ShardedApplier
+
+    shards = [_FakeShard(), _FakeShard()]
+    applier = ShardedApplier(shards)
+    # hour 10: partitions 0, 1, 3; hour 20: partition 2 only (worker 1 gets nothing of it)
+    hours = [(10, _buffered(0, 10, 2) + _buffered(1, 10, 1) + _buffered(3, 10, 3)), (20, _buffered(2, 20, 4))]
+    results = applier.submit(None, hours).result(5)
+    assert [[(h, sorted({b.partition for b in bs})) for h, bs in got] for got in shards[0].got] == [[(10, [0]), (20, [2])]]
+    assert [[(h, sorted({b.partition for b in bs})) for h, bs in got] for got in shards[1].got] == [[(10, [1, 3])]]
+    assert [r.hour_ms for r in results] == [10, 20]
+    assert [r.events_in_hour for r in results] == [6, 4] and [r.users_updated for r in results] == [2, 1]
+    assert results[0].per_partition == {0: {"events": 1}, 1: {"events": 1}, 3: {"events": 1}}
+    assert results[0].compute_s == pytest.approx(0.4)  # the slower worker's time, not the sum
+    applier.forget_users("version switch")
+    assert [s.forgot for s in shards] == [["version switch"]] * 2
+    assert applier.cache_stats() == {"hits": 4, "size": 6}
+
+
+def test_a_sharded_applier_fails_the_batch_when_one_worker_fails():
+    from streaming.applier import ShardedApplier
+
+    applier = ShardedApplier([_FakeShard(), _FakeShard(fail=True)])
+    with pytest.raises(ConnectionError, match="redis went away"):
+        applier.submit(None, [(10, _buffered(0, 10, 1) + _buffered(1, 10, 1))]).result(5)
+
+
+def test_applier_workers_need_the_process_applier(settings):
+    from streaming.applier import make_applier
+
+    with pytest.raises(ValueError, match="applier_workers must be 1, or more with applier 'process'"):
+        make_applier(settings.replace("incremental", applier="thread", applier_workers=2), None, None)
+    with pytest.raises(ValueError, match="applier_workers must be 1"):
+        make_applier(settings.replace("incremental", applier="process", applier_workers=0), None, None)

@@ -53,6 +53,7 @@ def env_for(s, crash: str | None = None) -> dict[str, str]:
         "TT_INCREMENTAL_IDLE_PARTITION_S": "0",
         "TT_INCREMENTAL_CHECKPOINT_INTERVAL_S": "1",
         "TT_INCREMENTAL_APPLIER": s.incremental.applier,
+        "TT_INCREMENTAL_APPLIER_WORKERS": str(s.incremental.applier_workers),
     })
     env.pop("TT_STREAM_CRASH_AT", None)
     if crash:
@@ -162,15 +163,17 @@ def test_bounded_run_applies_closed_hours_dead_letters_bad_records_and_exits(pre
 
 
 def test_both_applier_kinds_write_the_same_rows(prepared, redis_client, caplog):
-    """The worker-process applier (streaming.applier) against the in-process thread: the same
-    stream, the same Redis effect, bitwise; and each keeps what it wrote in its user cache.
-    Neither holds kafka-python's network thread in a rebalance callback (the worker's start
-    overlaps the join)."""
+    """The worker-process applier (streaming.applier), one worker and two sharing the
+    partitions, against the in-process thread: the same stream, the same Redis effect, bitwise;
+    and each keeps what it wrote in its user cache. None holds kafka-python's network thread in
+    a rebalance callback (the workers' start overlaps the join)."""
     s, tv = prepared
     runs = {}
+    kinds = {"thread": ("thread", 1), "process": ("process", 1), "process2": ("process", 2)}
     try:
-        for kind in ("thread", "process"):
-            k = with_prefix(s, f"{s.redis.prefix}-{kind}", f"{s.kafka.group_id}-{kind}").replace("incremental", applier=kind)
+        for kind, (applier, workers) in kinds.items():
+            k = with_prefix(s, f"{s.redis.prefix}-{kind}", f"{s.kafka.group_id}-{kind}")
+            k = k.replace("incremental", applier=applier, applier_workers=workers)
             publish_tiny(redis_client, k.redis.prefix, tv)
             with caplog.at_level(logging.WARNING, logger="kafka.coordinator.consumer"):
                 report = run_bounded(k)
@@ -179,8 +182,9 @@ def test_both_applier_kinds_write_the_same_rows(prepared, redis_client, caplog):
             assert report["cached_users"]["size"] > 0
             runs[kind] = redis_snapshot(redis_client, k.redis.prefix, "v1")
         assert assert_same_effect(runs["thread"], runs["process"]) == 0.0
+        assert assert_same_effect(runs["thread"], runs["process2"]) == 0.0
     finally:
-        for kind in ("thread", "process"):
+        for kind in kinds:
             cleanup(redis_client, f"{s.redis.prefix}-{kind}")
 
 
@@ -202,8 +206,13 @@ def test_a_revoke_of_nothing_does_not_wait_for_the_applier(kafka_settings, redis
     assert asked == ["partitions revoked"]
 
 
-def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redis_client, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["thread-applier", "two-worker-processes"])
+def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redis_client, tmp_path, workers):
+    """Killed at each named point of an hour's apply (in the worker processes when there are
+    some: either one's death takes the consumer down) and from outside, then run to the end."""
     s, tv = prepared
+    if workers:
+        s = s.replace("incremental", applier="process", applier_workers=workers)
     ref = with_prefix(s, s.redis.prefix + "-ref", s.kafka.group_id + "-ref")
     crash = with_prefix(s, s.redis.prefix + "-crash", s.kafka.group_id + "-crash")
     try:

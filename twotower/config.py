@@ -297,6 +297,10 @@ class IncrementalConfig:
     faster (MovieLens 55,534 against 47,071 events/s), while the thread starts 1.5 s sooner and
     holds one copy of the model instead of two (benchmarks/RESULTS.md); ``process`` pays off
     most on hosts with cores to spare."""
+    applier_workers: int = 1
+    """Worker processes of the ``process`` applier; worker k applies the partitions p with
+    p mod workers = k (streaming.applier.ShardedApplier). 2 uses a core the reader leaves idle
+    once a backlog is read."""
     cache_users: int = 200_000
     """Users whose row and history the consumer keeps in memory between hours, so an hour reads
     Redis only for the others (streaming.user_cache; about 0.5 KB each; 0 = read every hour)."""
