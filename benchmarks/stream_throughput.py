@@ -157,14 +157,14 @@ def end_to_end_group(settings: Settings, members: int = GROUP_MEMBERS) -> dict[s
     env = dict(os.environ) | settings_env(settings)
     cmd = [sys.executable, "-m", "streaming.consumer", "--mode", "bounded"]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(members)]
-    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    procs = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(members)]
+    outputs = [proc.communicate(timeout=900) for proc in procs]
     total_s = time.perf_counter() - t0
     reports = []
-    for proc, out in zip(procs, outputs):
+    for proc, (out, err) in zip(procs, outputs):
         lines = out.strip().splitlines()
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"a group member exited with {proc.returncode}: {out[-2000:]}")
+            raise RuntimeError(f"a group member exited with {proc.returncode}: {out[-2000:]}\n{err[-4000:]}")
         reports.append(json.loads(lines[-1]))
     windows = [(r["first_record_at_ms"] / 1000, r["first_record_at_ms"] / 1000 + r["reading_seconds"]) for r in reports if r.get("first_record_at_ms")]
     window = max(end for _, end in windows) - min(start for start, _ in windows) if windows else total_s

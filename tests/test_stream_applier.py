@@ -175,3 +175,28 @@ def test_applier_workers_need_the_process_applier(settings):
         make_applier(settings.replace("incremental", applier="thread", applier_workers=2), None, None)
     with pytest.raises(ValueError, match="applier_workers must be 1"):
         make_applier(settings.replace("incremental", applier="process", applier_workers=0), None, None)
+
+
+def test_a_sharded_batch_completes_once_when_its_workers_finish_at_the_same_time():
+    """The workers' futures complete on their own I/O threads, possibly at once: the merged
+    batch is set exactly once, never left pending."""
+    from concurrent.futures import Future
+
+    from streaming.applier import _merged
+    from streaming.hour import HourResult
+
+    for _ in range(200):
+        futures = [Future() for _ in range(4)]
+        merged = _merged(futures, [10])
+        start = threading.Barrier(4)
+
+        def finish(f: Future) -> None:
+            start.wait()
+            f.set_result([HourResult(10, users_updated=1)])
+
+        threads = [threading.Thread(target=finish, args=(f,)) for f in futures]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.users_updated for r in merged.result(1)] == [4]
