@@ -232,7 +232,10 @@ class IncrementalConsumer:
         start."""
         if not revoked:
             return
-        self._collect()
+        # kafka-python refuses blocking consumer calls on its network thread (a RuntimeError that
+        # fails the rebalance and the run): the batches' positions go to Redis, which is what any
+        # next owner resumes from, and their Kafka commit waits for the owners' next one
+        self._collect(kafka_commit=False)
         self._forget_users("partitions revoked")
         for tp in revoked:
             self.pending.discard(tp.partition)
@@ -439,27 +442,28 @@ class IncrementalConsumer:
                 return
             self._collect_oldest()
 
-    def _collect(self) -> None:
+    def _collect(self, kafka_commit: bool = True) -> None:
         """Wait for every batch in flight and account for it (see _collect_oldest)."""
         while self._inflight:
-            self._collect_oldest()
+            self._collect_oldest(kafka_commit)
 
     def _collect_done(self) -> None:
         """Account for the batches the applier has finished, oldest first, without waiting."""
         while self._inflight and self._inflight[0].future.done():
             self._collect_oldest()
 
-    def _collect_oldest(self) -> None:
+    def _collect_oldest(self, kafka_commit: bool = True) -> None:
         """Wait for the oldest batch in flight (an applier error is raised here, before anything
-        claims its hours done), account for it and store the positions taken when it closed.
-        Batches finish in the order they were handed over, so positions only move forward."""
+        claims its hours done), account for it and store the positions taken when it closed
+        (committed to Kafka too unless ``kafka_commit`` is False). Batches finish in the order
+        they were handed over, so positions only move forward."""
         batch = self._inflight.popleft()
         results = batch.future.result()
         assert self.version is not None
         for result in results:
             self._account(result)
         positions = {p: c for p, c in batch.positions.items() if p in self.trackers}
-        self._store_positions(positions, published=True)
+        self._store_positions(positions, published=True, kafka_commit=kafka_commit)
 
     def _account(self, result: HourResult) -> None:
         self.report.hours_applied += 1
@@ -477,8 +481,9 @@ class IncrementalConsumer:
         self._collect()
         self._store_positions({p: t.checkpoint() for p, t in self.trackers.items()}, published=False)
 
-    def _store_positions(self, ckpts: dict[int, Checkpoint], published: bool) -> None:
-        """Store resume points in Redis, then commit the same offsets to Kafka (for lag tools)."""
+    def _store_positions(self, ckpts: dict[int, Checkpoint], published: bool, kafka_commit: bool = True) -> None:
+        """Store resume points in Redis, then commit the same offsets to Kafka (for lag tools)
+        unless ``kafka_commit`` is False."""
         assert self.version is not None
         if self._dlq_pending:
             self.producer.flush()  # dead letters are durable before we claim we are past them
@@ -494,7 +499,8 @@ class IncrementalConsumer:
         self.report.watermark_ms = mark
         if published:
             crash_point("after_checkpoint")
-        self._commit(ckpts)
+        if kafka_commit:
+            self._commit(ckpts)
         self._last_ckpt = time.monotonic()
 
     def _lag(self) -> dict[int, int]:

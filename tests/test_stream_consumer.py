@@ -206,6 +206,64 @@ def test_a_revoke_of_nothing_does_not_wait_for_the_applier(kafka_settings, redis
     assert asked == ["partitions revoked"]
 
 
+def test_a_revoke_with_batches_in_flight_stores_their_positions_without_a_kafka_call(kafka_settings, redis_client):
+    """A member revoked while batches are in flight (a second member joining mid-run) finishes
+    them and stores their positions in Redis from the revoke callback, which kafka-python runs
+    on its network thread and where it refuses any blocking consumer call: the offset commit
+    raised there and failed the run (seen in the stream benchmark's group path). The commit is
+    left to the owners' next one; the loop's own batches still commit."""
+    from concurrent.futures import Future
+
+    from kafka import TopicPartition
+
+    from streaming.consumer import InFlight, IncrementalConsumer
+    from streaming.hour import HourResult
+    from streaming.windows import Checkpoint, PartitionTracker
+
+    on_network_thread = [False]
+    committed: list[dict] = []
+
+    class NetworkThreadGuard:
+        """kafka-python 3's KafkaConsumer as far as the positions need it."""
+
+        def commit(self, offsets):
+            if on_network_thread[0]:
+                raise RuntimeError("Cannot block on net.run() from the IO thread itself.")
+            committed.append(offsets)
+
+        def highwater(self, tp):
+            return 90
+
+    consumer = IncrementalConsumer(kafka_settings, NetworkThreadGuard(), None, redis_client)
+    consumer.version = SimpleNamespace(version="v1")
+    consumer._applier = SimpleNamespace(forget_users=lambda why: None)
+    state = StreamState(redis_client, kafka_settings.redis.prefix)
+    try:
+        for p in (0, 1):
+            consumer.trackers[p] = PartitionTracker.from_checkpoint(p, Checkpoint(offset=10))
+
+        def batch(offset: int, hour: int) -> InFlight:
+            done: Future = Future()
+            done.set_result([HourResult(hour, users_updated=1)])
+            return InFlight(done, {p: Checkpoint(offset=offset, applied_through=hour) for p in (0, 1)}, 0)
+
+        consumer._inflight.extend([batch(40, BASE_MS), batch(60, BASE_MS + HOUR)])
+        on_network_thread[0] = True
+        consumer.on_revoked({TopicPartition(kafka_settings.kafka.topic, 1)})
+        on_network_thread[0] = False
+        assert not consumer._inflight and consumer.report.hours_applied == 2
+        stored = state.load_checkpoints("v1")
+        assert stored[1].offset == 60 and stored[0].offset == 60  # both batches' positions, in order
+        assert committed == [] and sorted(consumer.trackers) == [0]
+
+        consumer._inflight.append(batch(80, BASE_MS + 2 * HOUR))
+        consumer._collect()  # the loop's own wait: positions stored and committed
+        assert state.load_checkpoints("v1")[0].offset == 80
+        assert [{tp.partition: o.offset for tp, o in c.items()} for c in committed] == [{0: 80}]
+    finally:
+        cleanup(redis_client, kafka_settings.redis.prefix)
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["thread-applier", "two-worker-processes"])
 def test_kill_9_at_any_point_leaves_redis_as_an_uninterrupted_run(prepared, redis_client, tmp_path, workers):
     """Killed at each named point of an hour's apply (in the worker processes when there are
