@@ -428,10 +428,10 @@ def test_new_version_replays_from_its_cutoff_into_its_own_rows(prepared, redis_c
         cleanup(redis_client, ref.redis.prefix)
 
 
-@pytest.mark.parametrize("applier", ["thread", "process"])
-def test_continuous_mode_follows_a_version_switch_and_stops_cleanly_on_sigterm(prepared, redis_client, tmp_path, applier):
+@pytest.mark.parametrize("applier,workers", [("thread", 1), ("process", 1), ("process", 2)])
+def test_continuous_mode_follows_a_version_switch_and_stops_cleanly_on_sigterm(prepared, redis_client, tmp_path, applier, workers):
     s, tv1 = prepared
-    s = s.replace("incremental", applier=applier)
+    s = s.replace("incremental", applier=applier, applier_workers=workers)
     state = StreamState(redis_client, s.redis.prefix)
     log = tmp_path / "continuous.log"
     proc = start_consumer(s, log, mode="continuous")
