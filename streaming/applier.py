@@ -149,6 +149,10 @@ _new_buffered = partial(tuple.__new__, Buffered)
 
 
 _RESULT_FIELDS = [f.name for f in fields(HourResult)]
+# what merge_results sums (int counters) and takes the longest of (float seconds), read off
+# HourResult so that a new field is merged without a second list to keep in step
+_COUNT_FIELDS = [f.name for f in fields(HourResult) if f.type == "int" and f.name != "hour_ms"]
+_TIME_FIELDS = [f.name for f in fields(HourResult) if f.type == "float"]
 
 
 def result_to_wire(result: HourResult) -> dict:
@@ -354,9 +358,9 @@ def merge_results(hours: list[int], results: list[HourResult]) -> list[HourResul
     out = {hour: HourResult(hour) for hour in hours}
     for r in results:
         m = out[r.hour_ms]
-        for name in ("events_in_hour", "users_updated", "events_applied", "unknown_items", "new_users", "history_only", "rows_written"):
+        for name in _COUNT_FIELDS:
             setattr(m, name, getattr(m, name) + getattr(r, name))
-        for name in ("seconds", "read_s", "compute_s", "write_s"):
+        for name in _TIME_FIELDS:
             setattr(m, name, max(getattr(m, name), getattr(r, name)))
         m.per_partition.update(r.per_partition)
     return [out[hour] for hour in hours]

@@ -299,8 +299,9 @@ class IncrementalConfig:
     most on hosts with cores to spare."""
     applier_workers: int = 1
     """Worker processes of the ``process`` applier; worker k applies the partitions p with
-    p mod workers = k (streaming.applier.ShardedApplier). 2 uses a core the reader leaves idle
-    once a backlog is read."""
+    p mod workers = k (streaming.applier.ShardedApplier). On the 2-core reference machine 2
+    workers apply the synthetic stream 1.17-1.30x faster than one, and MovieLens (bound by its
+    reader) no faster (benchmarks/RESULTS.md)."""
     cache_users: int = 200_000
     """Users whose row and history the consumer keeps in memory between hours, so an hour reads
     Redis only for the others (streaming.user_cache; about 0.5 KB each; 0 = read every hour)."""
